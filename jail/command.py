@@ -1,0 +1,102 @@
+"""Build the nsjail command line: the base policy plus per-jail flags. Pure.
+
+Flags come *after* ``--config``: nsjail reads its arguments in order and the
+later value wins, and repeated mount flags add mounts. Only the flags below
+are ever produced; nothing a tenant sends reaches this list unvalidated
+(entrypoint and paths are checked by the caller, limits are typed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ._interp import Interpreter
+from .cgroups import Cgroups
+from .limits import Limits
+
+JAIL_UID = 65534  # uid inside the jail
+RUNTIME_DST = "/opt/nsfaas"
+CODE_DST = "/function"
+PROXY_DST = "/run/nsfaas"
+# Enough for the runtime itself on top of the function's pids limit.
+RUNTIME_PIDS = 1
+# A warm worker lives for many invocations; each child gets its own limits.
+WARM_LIFETIME_S = 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class JailConfig:
+    """Host-side facts that are the same for every jail, built once at start-up."""
+
+    nsjail: Path
+    base_cfg: Path
+    interpreter: Interpreter
+    runtime_dir: Path  # host dir holding bootstrap.py, _frames.py, nsfaas.py
+    cgroups: Cgroups
+    outside_uid: int = 65534
+    outside_gid: int = 65534
+
+
+@dataclass(frozen=True, slots=True)
+class JailSpec:
+    """One jail: which code, which entrypoint, which limits, once or warm."""
+
+    code_dir: Path
+    entrypoint: str
+    limits: Limits
+    mode: Literal["once", "warm"] = "once"
+    proxy_dir: Path | None = None
+
+
+def nsjail_time_limit(spec: JailSpec) -> int:
+    """nsjail's own backstop, derived from the function's one timeout.
+
+    The gateway's deadline (timeout_s) fires first; nsjail's time_limit
+    (whole seconds, 0 would mean none) only catches a gateway that failed to.
+    """
+    if spec.mode == "warm":
+        return WARM_LIFETIME_S
+    return math.ceil(spec.limits.timeout_s) + 2
+
+
+def build_command(config: JailConfig, spec: JailSpec, *, ctl_fd: int, log_fd: int) -> list[str]:
+    lim = spec.limits
+    interp = config.interpreter
+    cmd = [
+        str(config.nsjail),
+        "--config", str(config.base_cfg),
+        "--log_fd", str(log_fd),
+        "--time_limit", str(nsjail_time_limit(spec)),
+        "--user", f"{JAIL_UID}:{config.outside_uid}:1",
+        "--group", f"{JAIL_UID}:{config.outside_gid}:1",
+        # The zygote's own RLIMIT_CPU; each child lowers it to lim.effective_cpu_s.
+        "--rlimit_cpu", "inf" if spec.mode == "warm" else str(lim.effective_cpu_s + 2),
+        "--rlimit_fsize", str(lim.file_size_mb),
+        "--rlimit_nofile", str(lim.open_files),
+        "--cgroup_mem_max", str(lim.memory_mb * 1024 * 1024),
+        "--cgroup_mem_swap_max", "0",
+        "--cgroup_pids_max", str(lim.pids + RUNTIME_PIDS),
+        "--cgroup_cpu_ms_per_sec", str(lim.cpu_ms_per_sec),
+        *config.cgroups.nsjail_flags(),
+    ]
+    for src, dst in interp.binds:
+        cmd += ["--bindmount_ro", f"{src}:{dst}"]
+    for target, link in interp.symlinks:
+        cmd += ["--symlink", f"{target}:{link}"]
+    for hidden in interp.hidden:
+        cmd += ["--mount", f"none:{hidden}:tmpfs:size=4096,nr_inodes=1,mode=0555"]
+    cmd += ["--bindmount_ro", f"{config.runtime_dir}:{RUNTIME_DST}"]
+    cmd += ["--bindmount_ro", f"{spec.code_dir}:{CODE_DST}"]
+    if spec.proxy_dir is not None:
+        cmd += ["--bindmount_ro", f"{spec.proxy_dir}:{PROXY_DST}"]
+    cmd += ["--pass_fd", str(ctl_fd)]
+    cmd += [
+        "--",
+        "/usr/bin/python3", "-I", "-S", "-B",
+        f"{RUNTIME_DST}/bootstrap.py",
+        str(ctl_fd), spec.entrypoint, spec.mode, str(lim.request_bytes),
+    ]
+    return cmd

@@ -1,0 +1,20 @@
+"""Exceptions of the jail package.
+
+    JailError                 root; OSError never leaves jail/
+    ├── JailUnavailable       nsjail cannot run here (self-check failed); says what is missing
+    └── WorkerError           one worker failed to start or broke its protocol
+"""
+
+from __future__ import annotations
+
+
+class JailError(Exception):
+    """Root of every exception raised by jail/."""
+
+
+class JailUnavailable(JailError):
+    """The machine cannot run jails; the message names what is missing and how to fix it."""
+
+
+class WorkerError(JailError):
+    """A jailed worker failed to start or sent something outside the protocol."""

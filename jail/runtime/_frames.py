@@ -1,0 +1,68 @@
+"""Framing shared by the gateway and the runtime inside the jail (stdlib only).
+
+A frame is ``>II`` (header length, body length), a JSON header (an object)
+and an opaque body. Both lengths are checked against caps before anything is
+read, so a peer can never make the other side allocate more than it allows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+PREFIX = struct.Struct(">II")
+MAX_HEADER = 1 << 20  # 1 MiB of JSON is far more than any control message needs
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a well-formed frame."""
+
+
+def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return PREFIX.pack(len(raw), len(body)) + raw + body
+
+
+def decode_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FrameError(f"frame header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise FrameError("frame header is not a JSON object")
+    return header
+
+
+def check_lengths(hlen: int, blen: int, max_body: int) -> None:
+    if hlen > MAX_HEADER:
+        raise FrameError(f"frame header of {hlen} bytes exceeds {MAX_HEADER}")
+    if blen > max_body:
+        raise FrameError(f"frame body of {blen} bytes exceeds {max_body}")
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int, max_body: int) -> tuple[dict[str, Any], bytes]:
+    """Blocking read of one frame from a file descriptor (runtime side)."""
+    hlen, blen = PREFIX.unpack(_read_exact(fd, PREFIX.size))
+    check_lengths(hlen, blen, max_body)
+    header = decode_header(_read_exact(fd, hlen))
+    return header, _read_exact(fd, blen) if blen else b""
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

@@ -1,0 +1,303 @@
+"""Runtime bootstrap: pid 1 of a jail. Stdlib only; never runs on the host.
+
+It imports the function once, tells the gateway it is ready, then serves
+invocations one at a time from the control fd. Each invocation runs in a
+fresh child forked from this process (the master/child pattern), so no
+memory state passes from one invocation to the next. The child talks only
+through pipes this process reads: stdout, stderr, structured log lines and one
+result frame. The control fd is closed in the child, so nothing the handler
+prints, closes or crashes can forge or corrupt what reaches the gateway.
+
+Being pid 1 of the jail's pid namespace also means: signals from inside the
+jail cannot kill it, orphans are reparented to it, and kill(-1, SIGKILL)
+after each invocation removes every process the invocation left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+
+# -I leaves the script's folder off sys.path; the runtime comes first so a
+# function's own modules cannot shadow it.
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), "/function"]
+import _frames  # noqa: E402
+
+RESULT_FD, LOG_FD = 3, 4
+PROXY_SOCKET = "/run/nsfaas/proxy.sock"
+MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
+CO_COROUTINE = 0x80
+
+
+class Invocation:
+    """The zygote's view of one running child: pipes, counters, caps."""
+
+    def __init__(self, header: dict, ctl: int) -> None:
+        self.ctl = ctl
+        limits = header.get("limits", {})
+        self.log_bytes_cap = int(limits.get("log_bytes", 1 << 20))
+        self.log_lines_cap = int(limits.get("log_lines", 10000))
+        self.response_cap = int(limits.get("response_bytes", 6 << 20))
+        self.log_bytes = 0
+        self.log_lines = 0
+        self.partial: dict[str, bytes] = {"stdout": b"", "stderr": b"", "ctx": b""}
+        self.pending: list[list[str]] = []
+        self.result = bytearray()
+        self.limit: str | None = None
+
+    def add_output(self, stream: str, data: bytes) -> None:
+        if self.limit:
+            return
+        self.log_bytes += len(data)
+        if self.log_bytes > self.log_bytes_cap:
+            self.limit = "output"
+            return
+        buf = self.partial[stream] + data
+        *lines, rest = buf.split(b"\n")
+        while len(rest) > MAX_LINE:
+            lines.append(rest[:MAX_LINE])
+            rest = rest[MAX_LINE:]
+        self.partial[stream] = rest
+        for line in lines:
+            self.log_lines += 1
+            if self.log_lines > self.log_lines_cap:
+                self.limit = "output"
+                return
+            self.pending.append([stream, line.decode("utf-8", "replace"), time.time()])
+
+    def flush(self, final: bool = False) -> None:
+        if final and not self.limit:
+            for stream, rest in self.partial.items():
+                if rest:
+                    self.pending.append([stream, rest.decode("utf-8", "replace"), time.time()])
+        if self.pending:
+            _frames.write_all(self.ctl, _frames.encode({"op": "logs", "lines": self.pending}))
+            self.pending = []
+
+    def add_result(self, data: bytes) -> None:
+        self.result += data
+        if len(self.result) > self.response_cap + _frames.MAX_HEADER:
+            self.limit = "response"
+
+
+def load(entrypoint: str):
+    module_name, _, func_name = entrypoint.partition(":")
+    module = __import__(module_name, fromlist=["_"])
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise TypeError(f"{entrypoint} is not a callable")
+    return fn
+
+
+def run_child(fn, header: dict, body: bytes, fds: dict[str, int], keep: set[int]) -> None:
+    """Runs in the forked child; never returns."""
+    code = 70
+    try:
+        for target, name in ((1, "stdout"), (2, "stderr"), (RESULT_FD, "result"), (LOG_FD, "ctx")):
+            os.dup2(fds[name], target)
+        os.closerange(LOG_FD + 1, 1 << 16)
+        cpu = int(header.get("limits", {}).get("cpu_s", 0))
+        if cpu > 0:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        import nsfaas
+
+        ctx = nsfaas.Context(header.get("ctx", {}), log_fd=LOG_FD, proxy_path=PROXY_SOCKET)
+        request = nsfaas.Request(header.get("request", {}), body)
+        if "logging" in sys.modules:
+            _route_logging(ctx)
+        try:
+            value = fn(request, ctx)
+            if hasattr(value, "__await__"):
+                import asyncio
+
+                async def _await(aw):
+                    return await aw
+
+                value = asyncio.run(_await(value))
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt are errors too
+            traceback.print_exc()
+            frame = {"kind": "error", "error_type": type(exc).__name__, "message": str(exc)[:2000]}
+            _finish(frame, b"")
+        else:
+            try:
+                status, headers, payload = nsfaas.to_response(value)
+            except (TypeError, ValueError) as exc:
+                _finish({"kind": "bad_response", "message": str(exc)[:2000]}, b"")
+            else:
+                _finish({"kind": "ok", "status": status, "headers": headers}, payload)
+        code = 0
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _finish(frame: dict, body: bytes) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    _frames.write_all(RESULT_FD, _frames.encode(frame, body))
+    os.close(RESULT_FD)
+
+
+def _route_logging(ctx) -> None:
+    import logging
+
+    class CtxHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fields = {"logger": record.name}
+            if record.exc_info:
+                fields["exc"] = "".join(traceback.format_exception(*record.exc_info))
+            ctx.log._emit(record.levelname.lower(), record.getMessage(), fields)
+
+    root = logging.getLogger()
+    root.handlers[:] = [CtxHandler()]
+    root.setLevel(logging.DEBUG)
+
+
+def serve_one(fn, header: dict, body: bytes, ctl: int) -> None:
+    inv = Invocation(header, ctl)
+    reads, writes = {}, {}
+    for name in ("stdout", "stderr", "ctx", "result"):
+        reads[name], writes[name] = os.pipe()
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        for fd in reads.values():
+            os.close(fd)
+        run_child(fn, header, body, writes, set())
+    for fd in writes.values():
+        os.close(fd)
+    by_fd = {fd: name for name, fd in reads.items()}
+    pidfd = os.pidfd_open(pid)
+    poller = select.poll()
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    poller.register(pidfd, select.POLLIN)
+    status = rusage = None
+    drain_deadline = None
+    while by_fd:
+        timeout = None
+        if drain_deadline is not None:
+            timeout = max(0, int((drain_deadline - time.monotonic()) * 1000))
+            if timeout == 0:
+                break
+        for fd, _ev in poller.poll(timeout):
+            if fd == pidfd:
+                _, status, rusage = os.wait4(pid, 0)
+                poller.unregister(pidfd)
+                os.close(pidfd)
+                _kill_stragglers()
+                drain_deadline = time.monotonic() + 1.0
+                continue
+            name = by_fd[fd]
+            data = os.read(fd, 65536)
+            if not data:
+                poller.unregister(fd)
+                os.close(fd)
+                del by_fd[fd]
+            elif name == "result":
+                inv.add_result(data)
+            else:
+                inv.add_output(name, data)
+        if inv.limit and status is None:
+            os.kill(pid, signal.SIGKILL)
+        inv.flush()
+    for fd in by_fd:
+        os.close(fd)
+    if status is None:
+        _, status, rusage = os.wait4(pid, 0)
+    _kill_stragglers()
+    inv.flush(final=True)
+    done = {
+        "op": "done",
+        "exit_code": os.waitstatus_to_exitcode(status),
+        "cpu_ms": (rusage.ru_utime + rusage.ru_stime) * 1000.0,
+        "maxrss_kb": rusage.ru_maxrss,
+        "child_ms": (time.monotonic() - t0) * 1000.0,
+        "limit": inv.limit,
+    }
+    _frames.write_all(ctl, _frames.encode(done, bytes(inv.result) if not inv.limit else b""))
+
+
+def _kill_stragglers() -> None:
+    try:
+        os.kill(-1, signal.SIGKILL)  # pid 1 is spared: everything else in the jail dies
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.001)
+
+
+def _wipe_tmp(path: str = "/tmp") -> None:
+    """Between warm invocations, leave /tmp as empty as a fresh jail's."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                os.chmod(entry.path, 0o700)
+                _wipe_tmp(entry.path)
+                os.rmdir(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+
+
+def main(argv: list[str]) -> int:
+    ctl = int(argv[1])
+    entrypoint = argv[2]
+    once = argv[3] == "once"
+    max_body = int(argv[4])
+    try:
+        fn = load(entrypoint)
+        if getattr(getattr(fn, "__code__", None), "co_flags", 0) & CO_COROUTINE:
+            import asyncio  # noqa: F401  (import once in the zygote, not per child)
+    except BaseException as exc:
+        sys.stdout.flush()
+        tb = traceback.format_exc()
+        sys.stderr.write(tb)
+        sys.stderr.flush()
+        err = {"op": "load_error", "error_type": type(exc).__name__, "message": str(exc)[:2000]}
+        _frames.write_all(ctl, _frames.encode(err))
+        _frames.read_frame(ctl, 0) if once else None
+        return 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _frames.write_all(ctl, _frames.encode({"op": "ready"}))
+    while True:
+        try:
+            header, body = _frames.read_frame(ctl, max_body)
+        except (EOFError, _frames.FrameError):
+            return 0
+        op = header.get("op")
+        if op == "invoke":
+            serve_one(fn, header, body, ctl)
+            if not once:
+                _wipe_tmp()
+        elif op == "exit":
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

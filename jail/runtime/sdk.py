@@ -1,0 +1,311 @@
+"""The function-facing API (`import nsfaas` inside the jail). Stdlib only.
+
+Inside the jail this file is importable as ``nsfaas``: ``from nsfaas import
+Response``. It holds the request and context objects handed to ``handler``,
+the ``Response`` type and the conversion of a return value into a frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+__all__ = [
+    "Context",
+    "EgressDenied",
+    "FunctionError",
+    "InvokeError",
+    "KVQuotaExceeded",
+    "ProxyError",
+    "Request",
+    "Response",
+]
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class Headers(Mapping[str, str]):
+    """Case-insensitive, read-only view of request headers (first value wins)."""
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self._items = list(items)
+        self._map: dict[str, str] = {}
+        for k, v in self._items:
+            self._map.setdefault(k.lower(), v)
+
+    def __getitem__(self, key: str) -> str:
+        return self._map[key.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def get_all(self, key: str) -> list[str]:
+        return [v for k, v in self._items if k.lower() == key.lower()]
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+class Request:
+    """What the handler receives: method, path, path_params, query, headers, body."""
+
+    def __init__(self, meta: Mapping[str, Any], body: bytes) -> None:
+        self.method: str = meta.get("method", "GET")
+        self.path: str = meta.get("path", "/")
+        self.path_params: dict[str, str] = dict(meta.get("path_params") or {})
+        self.query_string: str = meta.get("query_string", "")
+        self.query_all: dict[str, list[str]] = parse_qs(self.query_string, keep_blank_values=True)
+        self.query: dict[str, str] = {k: v[0] for k, v in self.query_all.items()}
+        self.headers = Headers([(str(k), str(v)) for k, v in meta.get("headers") or []])
+        self.body: bytes = body
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+    def __repr__(self) -> str:
+        return f"Request({self.method} {self.path})"
+
+
+class Response:
+    """An explicit response: ``Response(body, status=200, headers={})``."""
+
+    def __init__(
+        self, body: Any = b"", status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+class FunctionError(Exception):
+    """Root of the errors the runtime raises into customer code."""
+
+
+class ProxyError(FunctionError):
+    """The host proxy refused or failed a call; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class KVQuotaExceeded(ProxyError):
+    pass
+
+
+class EgressDenied(ProxyError):
+    pass
+
+
+class InvokeError(ProxyError):
+    pass
+
+
+_ERRORS = {"kv_quota_exceeded": KVQuotaExceeded, "egress_denied": EgressDenied}
+
+
+class _Proxy:
+    """Client of the host-proxy socket; one connection, one call at a time."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def call(self, method: str, body: bytes = b"", **params: Any) -> tuple[dict[str, Any], bytes]:
+        with self._lock:
+            if self._sock is None:
+                if not os.path.exists(self._path):
+                    raise ProxyError("proxy_unavailable", "no host proxy in this jail")
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._sock.connect(self._path)
+            self._next += 1
+            head = json.dumps({"v": 1, "id": self._next, "method": method, "params": params})
+            raw = head.encode()
+            self._sock.sendall(struct.pack(">II", len(raw), len(body)) + raw + body)
+            hlen, blen = struct.unpack(">II", self._recv(8))
+            reply = json.loads(self._recv(hlen))
+            data = self._recv(blen) if blen else b""
+        if not reply.get("ok"):
+            code = str(reply.get("code", "proxy_error"))
+            cls = _ERRORS.get(code, InvokeError if method == "invoke" else ProxyError)
+            raise cls(code, str(reply.get("message", "")))
+        return reply, data
+
+    def _recv(self, n: int) -> bytes:
+        assert self._sock is not None
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(n - len(buf))
+            if not chunk:
+                self._sock = None
+                raise ProxyError("proxy_closed", "the host proxy closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+
+class KV:
+    """Tenant-scoped key-value data, stored by the gateway."""
+
+    def __init__(self, proxy: _Proxy) -> None:
+        self._proxy = proxy
+
+    def get(self, key: str, default: Any = None) -> Any:
+        reply, data = self._proxy.call("kv.get", key=key)
+        if not reply.get("found"):
+            return default
+        return json.loads(data) if reply.get("json") else data
+
+    def put(self, key: str, value: Any) -> None:
+        if isinstance(value, bytes | bytearray):
+            self._proxy.call("kv.put", bytes(value), key=key, json=False)
+        else:
+            self._proxy.call("kv.put", json.dumps(value).encode(), key=key, json=True)
+
+    def delete(self, key: str) -> bool:
+        reply, _ = self._proxy.call("kv.delete", key=key)
+        return bool(reply.get("deleted"))
+
+    def list(self, prefix: str = "", limit: int = 100) -> list[str]:
+        reply, _ = self._proxy.call("kv.list", prefix=prefix, limit=limit)
+        return list(reply.get("keys", []))
+
+    def incr(self, key: str, delta: int = 1) -> int:
+        reply, _ = self._proxy.call("kv.incr", key=key, delta=delta)
+        return int(reply["value"])
+
+
+class HTTP:
+    """Allow-listed outbound HTTP, performed by the gateway."""
+
+    def __init__(self, proxy: _Proxy) -> None:
+        self._proxy = proxy
+
+    def fetch(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | str = b"",
+        timeout: float = 10.0,
+    ) -> Response:
+        data = body.encode() if isinstance(body, str) else bytes(body)
+        reply, payload = self._proxy.call(
+            "http.fetch", data, method=method, url=url, headers=dict(headers or {}), timeout=timeout
+        )
+        return Response(payload, status=int(reply["status"]), headers=dict(reply["headers"]))
+
+
+class Logger:
+    """``ctx.log.info("message", key=value)``: one structured log line."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def _emit(self, level: str, message: Any, fields: dict[str, Any]) -> None:
+        line = {"level": level, "message": str(message), "fields": fields, "ts": time.time()}
+        raw = (json.dumps(line, default=repr) + "\n").encode()
+        with self._lock:
+            try:
+                view = memoryview(raw)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError:
+                pass  # the log pipe is gone: the invocation is being torn down
+
+    def debug(self, message: Any, **fields: Any) -> None:
+        self._emit("debug", message, fields)
+
+    def info(self, message: Any, **fields: Any) -> None:
+        self._emit("info", message, fields)
+
+    def warning(self, message: Any, **fields: Any) -> None:
+        self._emit("warning", message, fields)
+
+    warn = warning
+
+    def error(self, message: Any, **fields: Any) -> None:
+        self._emit("error", message, fields)
+
+    def critical(self, message: Any, **fields: Any) -> None:
+        self._emit("critical", message, fields)
+
+
+class Context:
+    """Per-invocation context: ids, env, remaining time, log, kv, http, invoke."""
+
+    def __init__(self, meta: Mapping[str, Any], *, log_fd: int, proxy_path: str) -> None:
+        self.invocation_id: str = meta.get("invocation_id", "")
+        self.function: str = meta.get("function", "")
+        self.version: int = int(meta.get("version", 0))
+        self.tenant: str = meta.get("tenant", "")
+        self.env: dict[str, str] = dict(meta.get("env") or {})
+        self._deadline = time.monotonic() + float(meta.get("timeout_s", 0))
+        self.log = Logger(log_fd)
+        self._proxy = _Proxy(proxy_path)
+        self.kv = KV(self._proxy)
+        self.http = HTTP(self._proxy)
+
+    def remaining_ms(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+    def invoke(self, name: str, payload: Any = None) -> Any:
+        reply, data = self._proxy.call("invoke", json.dumps(payload).encode(), name=name)
+        if reply.get("json"):
+            return json.loads(data)
+        return data
+
+
+def to_response(value: Any) -> tuple[int, list[list[str]], bytes]:
+    """Turn a handler's return value into (status, headers, body).
+
+    Raises TypeError for anything outside the contract; the caller reports
+    that as a ``bad_response`` outcome.
+    """
+    status, headers = 200, {}
+    if isinstance(value, tuple):
+        if len(value) not in (2, 3):
+            raise TypeError("a tuple response must be (body, status) or (body, status, headers)")
+        value, status, *rest = value
+        headers = dict(rest[0]) if rest else {}
+    elif isinstance(value, Response):
+        value, status, headers = value.body, value.status, value.headers
+    if isinstance(status, bool) or not isinstance(status, int):
+        raise TypeError(f"status must be an int, not {type(status).__name__}")
+    hdrs = [[str(k), str(v)] for k, v in headers.items()]
+    lower = {k.lower() for k, _ in hdrs}
+
+    def ctype(default: str) -> None:
+        if "content-type" not in lower:
+            hdrs.append(["content-type", default])
+
+    if value is None:
+        body = b""
+    elif isinstance(value, str):
+        body = value.encode()
+        ctype("text/plain; charset=utf-8")
+    elif isinstance(value, bytes | bytearray | memoryview):
+        body = bytes(value)
+        ctype("application/octet-stream")
+    elif isinstance(value, dict | list):
+        body = json.dumps(value).encode()
+        ctype("application/json")
+    else:
+        raise TypeError(f"cannot return a {type(value).__name__} from a handler")
+    return status, hdrs, body

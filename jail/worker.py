@@ -1,0 +1,334 @@
+"""One jailed runtime process (nsjail + bootstrap) and the protocol to drive it.
+
+A worker serves one invocation at a time. The cold path starts a worker in
+``once`` mode for a single invocation; the warm path keeps ``warm`` workers
+in a pool. Both use exactly this code, so every limit behaves the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import cgroups as cg
+from .command import JailConfig, JailSpec, build_command
+from .errors import WorkerError
+from .result import Ending, JailResult, LogEntry, decide, log_entry
+from .runtime import _frames
+
+NSJAIL_LOG_CAP = 64 * 1024
+CLOSE_GRACE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """What the function is asked to do: the request and its context."""
+
+    invocation_id: str
+    function: str
+    version: int
+    tenant: str
+    method: str = "GET"
+    path: str = "/"
+    query_string: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    path_params: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def frame_header(self, spec: JailSpec) -> dict[str, Any]:
+        return {
+            "op": "invoke",
+            "request": {
+                "method": self.method,
+                "path": self.path,
+                "query_string": self.query_string,
+                "headers": [list(h) for h in self.headers],
+                "path_params": dict(self.path_params),
+            },
+            "ctx": {
+                "invocation_id": self.invocation_id,
+                "function": self.function,
+                "version": self.version,
+                "tenant": self.tenant,
+                "env": dict(self.env),
+                "timeout_s": spec.limits.timeout_s,
+            },
+            "limits": spec.limits.for_runtime(),
+        }
+
+
+class _Collector:
+    """Log lines of one invocation, capped by bytes and lines."""
+
+    def __init__(self, max_bytes: int, max_lines: int) -> None:
+        self.lines: list[LogEntry] = []
+        self.bytes = 0
+        self.max_bytes = max_bytes
+        self.max_lines = max_lines
+        self.truncated = False
+
+    def add(self, stream: str, line: str, ts: float | None = None) -> bool:
+        """Keep the line if under the caps; False once over them."""
+        if self.truncated:
+            return False
+        self.bytes += len(line) + 1
+        if self.bytes > self.max_bytes or len(self.lines) >= self.max_lines:
+            self.truncated = True
+            return False
+        self.lines.append(log_entry(stream, line, ts))
+        return True
+
+
+class Worker:
+    """Owns one nsjail process. Use ``start()``, ``invoke()``, ``aclose()``."""
+
+    def __init__(self, config: JailConfig, spec: JailSpec) -> None:
+        self.config = config
+        self.spec = spec
+        self.proc: asyncio.subprocess.Process | None = None
+        self.jail_pid: int | None = None
+        self.ready = False
+        self.load_error: dict[str, Any] | None = None
+        self.invocations = 0
+        self.started_at = 0.0
+        self.last_used = 0.0
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._nsjail_log = bytearray()
+        self._own = _Collector(spec.limits.log_bytes, spec.limits.log_lines)
+        self._closed = False
+        self._jail_pidfd: int | None = None
+
+    @property
+    def alive(self) -> bool:
+        return (
+            self.ready
+            and not self._closed
+            and self.proc is not None
+            and self.proc.returncode is None
+        )
+
+    async def start(self) -> None:
+        """Spawn the jail and wait for the runtime's ready (or load_error) frame.
+
+        The caller bounds this with its own deadline; on any failure the
+        worker is closed and WorkerError raised (load errors are not failures:
+        they are reported by ``invoke`` as the ``error`` outcome).
+        """
+        host, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_r, log_w = os.pipe()
+        try:
+            cmd = build_command(self.config, self.spec, ctl_fd=jail.fileno(), log_fd=log_w)
+            self.started_at = time.monotonic()
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(jail.fileno(), log_w),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            host.close()
+            os.close(log_r)
+            raise WorkerError(f"cannot start nsjail: {exc}") from None
+        finally:
+            jail.close()
+            os.close(log_w)
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=host)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._tasks = [
+            asyncio.create_task(self._pump(self.proc.stdout, "stdout")),
+            asyncio.create_task(self._pump(self.proc.stderr, "stderr")),
+            asyncio.create_task(self._pump_fd(log_r)),
+        ]
+        try:
+            header, _ = await self._read_frame(0)
+        except WorkerError:
+            await self.aclose(kill=True)
+            raise
+        if header.get("op") == "load_error":
+            self.load_error = header
+        elif header.get("op") != "ready":
+            await self.aclose(kill=True)
+            raise WorkerError(f"unexpected first frame {header.get('op')!r}")
+        self.ready = True
+        self.jail_pid = next(iter(cg.children_of(self.proc.pid)), None)
+        if self.jail_pid is not None:
+            with contextlib.suppress(OSError):
+                # A pidfd pins the process: a later kill can never hit a reused pid.
+                self._jail_pidfd = os.pidfd_open(self.jail_pid)
+
+    async def invoke(self, inv: Invocation, *, start: str = "cold") -> JailResult:
+        """Run one invocation; never raises for anything the function does."""
+        lim = self.spec.limits
+        t0 = time.monotonic()
+        end = Ending(limits=lim)
+        logs = _Collector(lim.log_bytes, lim.log_lines)
+        for entry in self._own.lines:
+            logs.add(entry.stream, entry.message)
+        self._own = _Collector(lim.log_bytes, lim.log_lines)
+        self.invocations += 1
+        self.last_used = t0
+        if self.load_error is not None:
+            end.load_error = self.load_error
+            await self.aclose()
+            return self._result(end, logs, t0, start)
+        before = self._counters()
+        try:
+            async with asyncio.timeout(lim.timeout_s):
+                assert self._writer is not None
+                self._writer.write(_frames.encode(inv.frame_header(self.spec), inv.body))
+                await self._writer.drain()
+                while True:
+                    header, body = await self._read_frame(lim.response_bytes)
+                    op = header.get("op")
+                    if op == "logs":
+                        for item in header.get("lines") or []:
+                            if isinstance(item, list) and len(item) == 3:
+                                ts = item[2] if isinstance(item[2], int | float) else None
+                                logs.add(str(item[0]), str(item[1]), ts)
+                        if logs.bytes > 2 * lim.log_bytes + 65536:
+                            end.host_output_limit = True  # the runtime is not capping: stop it
+                            break
+                    elif op == "done":
+                        end.done, end.result_body = header, body
+                        break
+                    else:
+                        raise WorkerError(f"unexpected frame {op!r}")
+        except TimeoutError:
+            end.timed_out = True
+        except (WorkerError, ConnectionError):
+            pass  # the runtime died or broke the protocol: decided below
+        after = self._counters()
+        end.oom_kills = after["oom_kill"] - before["oom_kill"]
+        end.pids_hits = after["pids_max"] - before["pids_max"]
+        broken = end.done is None or end.timed_out or end.host_output_limit
+        if broken or self.spec.mode == "once":
+            await self.aclose(kill=broken)
+            end.nsjail_exit = self.proc.returncode if self.proc else None
+            end.nsjail_log = self._nsjail_log.decode("utf-8", "replace")
+        for entry in self._own.lines:
+            logs.add(entry.stream, entry.message)
+        self._own = _Collector(lim.log_bytes, lim.log_lines)
+        return self._result(end, logs, t0, start)
+
+    def _result(self, end: Ending, logs: _Collector, t0: float, start: str) -> JailResult:
+        fields = decide(end)
+        done = end.done or {}
+        cpu = done.get("cpu_ms")
+        rss = done.get("maxrss_kb")
+        if fields.get("outcome") == "jail_failure":
+            logs.add("runtime", "nsjail: " + end.nsjail_log[-2000:])
+        return JailResult(
+            logs=tuple(logs.lines),
+            logs_truncated=logs.truncated or fields.get("limit_name") == "output",
+            wall_ms=(time.monotonic() - t0) * 1000.0,
+            cpu_ms=float(cpu) if isinstance(cpu, int | float) else None,
+            peak_memory_mb=round(rss / 1024.0, 2) if isinstance(rss, int | float) else None,
+            start="warm" if start == "warm" else "cold",
+            **fields,
+        )
+
+    def _counters(self) -> dict[str, int]:
+        if self.jail_pid is None:
+            return {"oom_kill": 0, "pids_max": 0}
+        return self.config.cgroups.counters(self.jail_pid)
+
+    async def _read_frame(self, max_body: int) -> tuple[dict[str, Any], bytes]:
+        assert self._reader is not None
+        try:
+            prefix = await self._reader.readexactly(_frames.PREFIX.size)
+            hlen, blen = _frames.PREFIX.unpack(prefix)
+            _frames.check_lengths(hlen, blen, max_body + _frames.MAX_HEADER + 64)
+            header = _frames.decode_header(await self._reader.readexactly(hlen))
+            body = await self._reader.readexactly(blen) if blen else b""
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise WorkerError("the runtime closed its control channel") from exc
+        except _frames.FrameError as exc:
+            raise WorkerError(str(exc)) from None
+        return header, body
+
+    async def _pump(self, stream: asyncio.StreamReader, name: str) -> None:
+        """The runtime's own stdout/stderr (import-time prints, load tracebacks)."""
+        with contextlib.suppress(Exception):
+            while True:
+                chunk = await stream.read(65536)
+                if not chunk:
+                    return
+                for line in chunk.decode("utf-8", "replace").splitlines():
+                    self._own.add(name, line)
+
+    async def _pump_fd(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            while chunk := await reader.read(65536):
+                if len(self._nsjail_log) < NSJAIL_LOG_CAP:
+                    self._nsjail_log += chunk[: NSJAIL_LOG_CAP - len(self._nsjail_log)]
+        finally:
+            transport.close()
+
+    async def aclose(self, *, kill: bool = False) -> None:
+        """End the jail: politely (EOF) unless ``kill``, then forcibly; always reaped.
+
+        Shielded from cancellation so a cancelled request never leaves a
+        running jail, a zombie or a cgroup behind.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.shield(self._close(kill))
+
+    async def _close(self, kill: bool) -> None:
+        proc = self.proc
+        if self._writer is not None:
+            self._writer.close()
+        if proc is not None and proc.returncode is None:
+            if kill:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)  # nsjail kills the jail and its cgroups
+            try:
+                await asyncio.wait_for(proc.wait(), CLOSE_GRACE_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), CLOSE_GRACE_S)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+        if self._jail_pidfd is not None:
+            # nsjail normally kills the jail and removes its cgroups; if nsjail
+            # itself was SIGKILLed it could not, so do both here.
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._jail_pidfd, signal.SIGKILL)
+            os.close(self._jail_pidfd)
+            self._jail_pidfd = None
+        if self.jail_pid is not None:
+            for _ in range(50):
+                self.config.cgroups.remove_jail(self.jail_pid)
+                if not any(d.exists() for d in self.config.cgroups.jail_dirs(self.jail_pid)):
+                    break
+                await asyncio.sleep(0.01)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=CLOSE_GRACE_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
