@@ -373,6 +373,10 @@ class Store(abc.ABC):
     async def get_function(self, tenant_id: str, name: str) -> FunctionInfo: ...
 
     @abc.abstractmethod
+    async def find_function(self, name: str) -> FunctionInfo | None:
+        """The function of that name in any tenant (names are global), or None."""
+
+    @abc.abstractmethod
     async def list_functions(self, tenant_id: str | None = None) -> list[FunctionInfo]:
         """Functions of one tenant, or of all tenants for None."""
 

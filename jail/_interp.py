@@ -83,7 +83,10 @@ def discover(preferred: str | None = None) -> Interpreter:
         try:
             proc = subprocess.run(  # noqa: S603 (host interpreter, fixed probe code)
                 [str(real), "-I", "-S", "-c", _PROBE],
-                capture_output=True, text=True, timeout=30, check=True,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(f"{real}: {exc}")

@@ -59,9 +59,9 @@ class Cgroups:
     def sweep(self) -> int:
         """Remove empty ``NSJAIL.*`` cgroups whose jail process no longer exists."""
         removed = 0
-        parents = [self.root] if self.version == 2 else [
-            self.root / c / self.parent for c in CONTROLLERS
-        ]
+        parents = (
+            [self.root] if self.version == 2 else [self.root / c / self.parent for c in CONTROLLERS]
+        )
         for parent in parents:
             with contextlib.suppress(OSError):
                 for d in parent.iterdir():

@@ -1,8 +1,8 @@
 """Exceptions of the jail package.
 
-    JailError                 root; OSError never leaves jail/
-    ├── JailUnavailable       nsjail cannot run here (self-check failed); says what is missing
-    └── WorkerError           one worker failed to start or broke its protocol
+JailError                 root; OSError never leaves jail/
+├── JailUnavailable       nsjail cannot run here (self-check failed); says what is missing
+└── WorkerError           one worker failed to start or broke its protocol
 """
 
 from __future__ import annotations

@@ -28,8 +28,15 @@ OUTCOMES: tuple[str, ...] = Outcome.__args__  # type: ignore[attr-defined]
 LEVELS = ("debug", "info", "warning", "error", "critical")
 HOP_BY_HOP = frozenset(
     {
-        "connection", "content-length", "keep-alive", "proxy-connection", "te", "trailer",
-        "transfer-encoding", "upgrade", "x-invocation-id",
+        "connection",
+        "content-length",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "x-invocation-id",
     }
 )
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -105,7 +112,9 @@ def check_response(status: Any, headers: Any) -> tuple[int, tuple[tuple[str, str
     clean: list[tuple[str, str]] = []
     total = 0
     for item in headers:
-        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+        if not (
+            isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
+        ):
             return "headers must be string pairs"
         name, value = item
         if not _TOKEN.match(name):
@@ -169,9 +178,7 @@ def decide(end: Ending) -> dict[str, Any]:
     if done.get("limit") == "output":
         return _limit("output_limit", "output", lim.log_bytes, "log output over its cap")
     if done.get("limit") == "response":
-        return _limit(
-            "output_limit", "response", lim.response_bytes, "response over its cap"
-        )
+        return _limit("output_limit", "response", lim.response_bytes, "response over its cap")
     code = done.get("exit_code")
     if code == 0 and end.result_body:
         return _from_frame(end.result_body, end)
@@ -220,7 +227,11 @@ def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:
             "error_message": str(head.get("message", ""))[:2000],
         }
     if kind != "ok":
-        return {"outcome": "bad_response", "error_type": "BadResponse", "error_message": "bad frame"}
+        return {
+            "outcome": "bad_response",
+            "error_type": "BadResponse",
+            "error_message": "bad frame",
+        }
     checked = check_response(head.get("status"), head.get("headers"))
     if isinstance(checked, str):
         return {"outcome": "bad_response", "error_type": "BadResponse", "error_message": checked}

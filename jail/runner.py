@@ -79,12 +79,15 @@ def install_runtime(jail_dir: Path) -> Path:
     tmp = jail_dir / f".runtime-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for src, name in (("bootstrap.py", "bootstrap.py"), ("_frames.py", "_frames.py"),
-                      ("sdk.py", "nsfaas.py")):
+    for src, name in (
+        ("bootstrap.py", "bootstrap.py"),
+        ("_frames.py", "_frames.py"),
+        ("sdk.py", "nsfaas.py"),
+    ):
         target = tmp / name
         shutil.copyfile(RUNTIME_SRC / src, target)
         os.chmod(target, 0o644)
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o755)  # noqa: S103 (the jail's uid must read the runtime; nothing secret)
     old = jail_dir / f".runtime-old-{os.getpid()}"
     if dest.exists():
         dest.rename(old)
@@ -169,7 +172,7 @@ class JailRunner:
                 outcome="jail_failure",
                 wall_ms=(time.monotonic() - t0) * 1000.0,
                 error_type="JailFailure",
-                error_message=f"{exc}; nsjail said: {worker._nsjail_log.decode(errors='replace')[-500:]}",
+                error_message=f"{exc}; nsjail said: {worker.nsjail_log[-500:]}",
             )
         try:
             result = await worker.invoke(inv, start="cold")

@@ -108,6 +108,10 @@ class Worker:
         self._jail_pidfd: int | None = None
 
     @property
+    def nsjail_log(self) -> str:
+        return self._nsjail_log.decode("utf-8", "replace")
+
+    @property
     def alive(self) -> bool:
         return (
             self.ready

@@ -21,22 +21,32 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 # -I leaves the script's folder off sys.path; the runtime comes first so a
 # function's own modules cannot shadow it.
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), "/function"]
-import _frames  # noqa: E402
+if TYPE_CHECKING:
+    from jail.runtime import _frames
+else:
+    import _frames
+
+Handler = Callable[..., Any]
 
 RESULT_FD, LOG_FD = 3, 4
 PROXY_SOCKET = "/run/nsfaas/proxy.sock"
 MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
 CO_COROUTINE = 0x80
+# The pid of the process that runs the handler; a process the handler forked
+# returns through the same code but must never write a result frame.
+_handler_pid = 0
 
 
 class Invocation:
     """The zygote's view of one running child: pipes, counters, caps."""
 
-    def __init__(self, header: dict, ctl: int) -> None:
+    def __init__(self, header: dict[str, Any], ctl: int) -> None:
         self.ctl = ctl
         limits = header.get("limits", {})
         self.log_bytes_cap = int(limits.get("log_bytes", 1 << 20))
@@ -45,7 +55,7 @@ class Invocation:
         self.log_bytes = 0
         self.log_lines = 0
         self.partial: dict[str, bytes] = {"stdout": b"", "stderr": b"", "ctx": b""}
-        self.pending: list[list[str]] = []
+        self.pending: list[list[str | float]] = []
         self.result = bytearray()
         self.limit: str | None = None
 
@@ -84,17 +94,19 @@ class Invocation:
             self.limit = "response"
 
 
-def load(entrypoint: str):
+def load(entrypoint: str) -> Handler:
     module_name, _, func_name = entrypoint.partition(":")
     module = __import__(module_name, fromlist=["_"])
-    fn = getattr(module, func_name, None)
+    fn: Handler | None = getattr(module, func_name, None)
     if not callable(fn):
         raise TypeError(f"{entrypoint} is not a callable")
     return fn
 
 
-def run_child(fn, header: dict, body: bytes, fds: dict[str, int], keep: set[int]) -> None:
+def run_child(fn: Handler, header: dict[str, Any], body: bytes, fds: dict[str, int]) -> None:
     """Runs in the forked child; never returns."""
+    global _handler_pid
+    _handler_pid = os.getpid()
     code = 70
     try:
         for target, name in ((1, "stdout"), (2, "stderr"), (RESULT_FD, "result"), (LOG_FD, "ctx")):
@@ -105,7 +117,10 @@ def run_child(fn, header: dict, body: bytes, fds: dict[str, int], keep: set[int]
             import resource
 
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        import nsfaas
+        if TYPE_CHECKING:
+            from jail.runtime import sdk as nsfaas
+        else:
+            import nsfaas
 
         ctx = nsfaas.Context(header.get("ctx", {}), log_fd=LOG_FD, proxy_path=PROXY_SOCKET)
         request = nsfaas.Request(header.get("request", {}), body)
@@ -116,7 +131,7 @@ def run_child(fn, header: dict, body: bytes, fds: dict[str, int], keep: set[int]
             if hasattr(value, "__await__"):
                 import asyncio
 
-                async def _await(aw):
+                async def _await(aw: Any) -> Any:
                     return await aw
 
                 value = asyncio.run(_await(value))
@@ -141,7 +156,9 @@ def run_child(fn, header: dict, body: bytes, fds: dict[str, int], keep: set[int]
         os._exit(code)
 
 
-def _finish(frame: dict, body: bytes) -> None:
+def _finish(frame: dict[str, Any], body: bytes) -> None:
+    if os.getpid() != _handler_pid:
+        return  # a fork of the handler came back here: only the handler answers
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -151,12 +168,12 @@ def _finish(frame: dict, body: bytes) -> None:
     os.close(RESULT_FD)
 
 
-def _route_logging(ctx) -> None:
+def _route_logging(ctx: Any) -> None:
     import logging
 
     class CtxHandler(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            fields = {"logger": record.name}
+            fields: dict[str, Any] = {"logger": record.name}
             if record.exc_info:
                 fields["exc"] = "".join(traceback.format_exception(*record.exc_info))
             ctx.log._emit(record.levelname.lower(), record.getMessage(), fields)
@@ -166,9 +183,10 @@ def _route_logging(ctx) -> None:
     root.setLevel(logging.DEBUG)
 
 
-def serve_one(fn, header: dict, body: bytes, ctl: int) -> None:
+def serve_one(fn: Handler, header: dict[str, Any], body: bytes, ctl: int) -> None:
     inv = Invocation(header, ctl)
-    reads, writes = {}, {}
+    reads: dict[str, int] = {}
+    writes: dict[str, int] = {}
     for name in ("stdout", "stderr", "ctx", "result"):
         reads[name], writes[name] = os.pipe()
     t0 = time.monotonic()
@@ -176,7 +194,7 @@ def serve_one(fn, header: dict, body: bytes, ctl: int) -> None:
     if pid == 0:
         for fd in reads.values():
             os.close(fd)
-        run_child(fn, header, body, writes, set())
+        run_child(fn, header, body, writes)
     for fd in writes.values():
         os.close(fd)
     by_fd = {fd: name for name, fd in reads.items()}
@@ -216,7 +234,7 @@ def serve_one(fn, header: dict, body: bytes, ctl: int) -> None:
         inv.flush()
     for fd in by_fd:
         os.close(fd)
-    if status is None:
+    if status is None or rusage is None:
         _, status, rusage = os.wait4(pid, 0)
     _kill_stragglers()
     inv.flush(final=True)

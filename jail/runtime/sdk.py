@@ -126,7 +126,7 @@ class _Proxy:
         self._lock = threading.Lock()
         self._next = 0
 
-    def call(self, method: str, body: bytes = b"", **params: Any) -> tuple[dict[str, Any], bytes]:
+    def call(self, op: str, body: bytes = b"", **params: Any) -> tuple[dict[str, Any], bytes]:
         with self._lock:
             if self._sock is None:
                 if not os.path.exists(self._path):
@@ -134,7 +134,7 @@ class _Proxy:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self._sock.connect(self._path)
             self._next += 1
-            head = json.dumps({"v": 1, "id": self._next, "method": method, "params": params})
+            head = json.dumps({"v": 1, "id": self._next, "method": op, "params": params})
             raw = head.encode()
             self._sock.sendall(struct.pack(">II", len(raw), len(body)) + raw + body)
             hlen, blen = struct.unpack(">II", self._recv(8))
@@ -142,7 +142,7 @@ class _Proxy:
             data = self._recv(blen) if blen else b""
         if not reply.get("ok"):
             code = str(reply.get("code", "proxy_error"))
-            cls = _ERRORS.get(code, InvokeError if method == "invoke" else ProxyError)
+            cls = _ERRORS.get(code, InvokeError if op == "invoke" else ProxyError)
             raise cls(code, str(reply.get("message", "")))
         return reply, data
 

@@ -1,0 +1,141 @@
+"""Log store at scale: insert N lines across F functions, time first-page queries.
+
+    .venv/bin/python bench/bench_logs.py [--lines 1000000] [--functions 100] [--dir PATH]
+
+Lines are spread over the last 24 hours in time order, 10 functions per tenant, with a
+vocabulary where "kraken" is rare (~1 line in 10,000) and "timeout" common (~1 in 50).
+Each query is the first page (100 lines) through the public `Store` API, median of 5 runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.store import NewLogLine, Store, open_store  # noqa: E402 - after the path fix
+
+WORDS = (
+    "request handled user order payment cart item fetched stored cache miss hit retry "
+    "queue worker started finished ok accepted parsed rendered template session token "
+    "refresh upstream downstream latency budget shard replica primary read write"
+).split()
+LEVELS = ["debug"] * 20 + ["info"] * 60 + ["warning"] * 12 + ["error"] * 7 + ["critical"]
+BATCH = 5000
+
+
+def message(rng: random.Random) -> str:
+    words = rng.sample(WORDS, 5)
+    if rng.random() < 0.02:
+        words.append("timeout")
+    if rng.random() < 0.0001:
+        words.append("kraken")
+    return f"{' '.join(words)} user_id={rng.randrange(10_000)} took {rng.randrange(500)}ms"
+
+
+async def fill(store: Store, lines: int, functions: int) -> tuple[list[str], float]:
+    rng = random.Random(42)
+    tenants = [(await store.create_tenant(f"bench{t}"))[0].id for t in range(functions // 10)]
+    start = time.time() - 86_400
+    step = 86_400 / lines
+    t0 = time.perf_counter()
+    for base in range(0, lines, BATCH):
+        batch = []
+        for i in range(base, min(base + BATCH, lines)):
+            fn = i % functions
+            batch.append(
+                NewLogLine(
+                    ts=start + i * step,
+                    invocation_id=f"inv{i // 20}",
+                    tenant_id=tenants[fn // 10],
+                    function=f"fn{fn % 10}",
+                    level=rng.choice(LEVELS),
+                    message=message(rng),
+                    fields={"i": i},
+                )
+            )
+        await store.append_logs(batch)
+    return tenants, time.perf_counter() - t0
+
+
+async def timed(run: Callable[[], Awaitable[Any]], repeat: int = 5) -> tuple[float, int]:
+    samples, size = [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = await run()
+        samples.append((time.perf_counter() - t0) * 1000)
+        size = len(result[0]) if isinstance(result, tuple) else result if isinstance(result, int) else len(result)
+    return statistics.median(samples), size
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--functions", type=int, default=100)
+    parser.add_argument("--dir", type=Path, default=None)
+    args = parser.parse_args()
+    data_dir = args.dir or Path(tempfile.mkdtemp(prefix="nsfaas-bench-"))
+    async with open_store(data_dir) as store:
+        tenants, fill_s = await fill(store, args.lines, args.functions)
+        print(f"inserted {args.lines:,} lines in {fill_s:.1f} s "
+              f"({args.lines / fill_s:,.0f} lines/s) into {data_dir}")
+    async with open_store(data_dir) as store:  # reopened: cold caches, fresh statistics
+        t = tenants[3]
+        now = time.time()
+        _, cursor = await store.query_logs(tenant_id=t, function="fn5", limit=100)
+        newest = (await store.query_logs(tenant_id=t, function="fn5", limit=1))[0][0].id
+        queries: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("function, newest", lambda: store.query_logs(tenant_id=t, function="fn5")),
+            ("function, 1 h window 12 h ago", lambda: store.query_logs(
+                tenant_id=t, function="fn5", since=now - 13 * 3600, until=now - 12 * 3600)),
+            ("function, level >= error", lambda: store.query_logs(
+                tenant_id=t, function="fn5", level_min="error")),
+            ("function, page 2 (cursor)", lambda: store.query_logs(
+                tenant_id=t, function="fn5", cursor=cursor)),
+            ("function, q common (timeout)", lambda: store.query_logs(
+                tenant_id=t, function="fn5", q="timeout")),
+            ("function, q rare (kraken)", lambda: store.query_logs(
+                tenant_id=t, function="fn5", q="kraken")),
+            ("function, q two words", lambda: store.query_logs(
+                tenant_id=t, function="fn5", q="payment retry")),
+            ("function, q + 1 h window", lambda: store.query_logs(
+                tenant_id=t, function="fn5", q="timeout", since=now - 13 * 3600,
+                until=now - 12 * 3600)),
+            ("function, q no match", lambda: store.query_logs(
+                tenant_id=t, function="fn5", q="nosuchword")),
+            ("tenant (10 functions), newest", lambda: store.query_logs(tenant_id=t)),
+            ("tenant, q common", lambda: store.query_logs(tenant_id=t, q="timeout")),
+            ("all, newest", lambda: store.query_logs()),
+            ("all, q rare", lambda: store.query_logs(q="kraken")),
+            ("all, q common", lambda: store.query_logs(q="timeout")),
+            ("all, level >= critical", lambda: store.query_logs(level_min="critical")),
+            ("invocation id", lambda: store.query_logs(invocation_id=f"inv{args.lines // 40}")),
+            ("live tail, last ~100 lines", lambda: store.logs_after(
+                tenant_id=t, function="fn5", after_id=newest - 10_000)),
+        ]
+        print(f"\n{'query (first page, limit 100)':<34} {'median ms':>10} {'rows':>6}")
+        print("-" * 52)
+        for label, run in queries:
+            ms, rows = await timed(run)
+            print(f"{label:<34} {ms:>10.2f} {rows:>6}")
+        ms, _ = await timed(lambda: store.enforce_retention(
+            max_lines_per_function=args.lines, max_age_s=7 * 86_400))
+        print(f"{'retention, nothing to delete':<34} {ms:>10.2f}")
+        t0 = time.perf_counter()
+        deleted = await store.enforce_retention(
+            max_lines_per_function=args.lines // args.functions - 100, max_age_s=7 * 86_400)
+        ms = (time.perf_counter() - t0) * 1000
+        print(f"{'retention, 100 lines x 100 fns':<34} {ms:>10.2f} {deleted:>6}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,1 @@
+"""nsfaas gateway: HTTP API, routing, storage and the CLI."""

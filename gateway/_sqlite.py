@@ -1,0 +1,428 @@
+"""The embedded store: one SQLite database (WAL) plus content-addressed blob files.
+
+SQLite never runs on the event loop. One thread owns the only write connection, so writes
+queue in order and each is one IMMEDIATE transaction; a few reader threads, each with its
+own connection, serve reads from WAL snapshots without waiting for the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from gateway import _sqlite_catalog as catalog
+from gateway import _sqlite_kv as kv
+from gateway import _sqlite_logs as logs
+from gateway import _sqlite_records as records
+from gateway._sqlite_schema import connect, migrate, setup_fts, transaction
+from gateway.store import (
+    FunctionConfig,
+    FunctionInfo,
+    FunctionVersion,
+    InvocationRecord,
+    LogLine,
+    NewLogLine,
+    NotFound,
+    RouteEntry,
+    Store,
+    StoreError,
+    Tenant,
+    parse_route,
+)
+
+_T = TypeVar("_T")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_STALE_TEMP_S = 3600.0  # temp blob files older than this are left over from a crash
+
+
+class SqliteStore(Store):
+    """`Store` on SQLite in `data_dir/nsfaas.db`, blobs under `data_dir/blobs/`."""
+
+    def __init__(self, data_dir: Path, *, readers: int = 2) -> None:
+        self._data_dir = Path(data_dir)
+        self._db_path = self._data_dir / "nsfaas.db"
+        self._blob_dir = self._data_dir / "blobs"
+        self._reader_count = readers
+        self._writer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._write_conn: sqlite3.Connection | None = None
+        self._read_conns: list[sqlite3.Connection] = []
+        self._read_local = threading.local()
+        self._read_lock = threading.Lock()
+        self._scopes: dict[tuple[str, str], int] = {}  # writer thread only
+        self._fts = False
+
+    @property
+    def fts(self) -> bool:
+        """Whether log search uses the FTS5 index (else a substring scan)."""
+        return self._fts
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            raise StoreError("store_open", "the store is already open")
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsfaas-store-write")
+        try:
+            await asyncio.get_running_loop().run_in_executor(writer, self._open_sync)
+        except BaseException:
+            writer.shutdown(wait=False)
+            raise
+        self._writer = writer
+        self._readers = ThreadPoolExecutor(
+            max_workers=self._reader_count, thread_name_prefix="nsfaas-store-read"
+        )
+
+    def _open_sync(self) -> None:
+        self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._blob_dir.mkdir(mode=0o700, exist_ok=True)
+        _remove_stale_temp_files(self._blob_dir)
+        conn = connect(self._db_path, readonly=False)
+        try:
+            migrate(conn)
+            self._fts = setup_fts(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._write_conn = conn
+
+    async def aclose(self) -> None:
+        writer, readers = self._writer, self._readers
+        if writer is None or readers is None:
+            return
+        self._writer = self._readers = None  # new calls fail from here on
+        loop = asyncio.get_running_loop()
+        try:
+            # Queued behind every write already submitted.
+            await loop.run_in_executor(writer, self._close_writer)
+        finally:
+            await asyncio.to_thread(self._stop_threads, writer, readers)
+
+    def _close_writer(self) -> None:
+        conn, self._write_conn = self._write_conn, None
+        if conn is not None:
+            try:
+                conn.execute("PRAGMA optimize")
+            finally:
+                conn.close()
+
+    def _stop_threads(self, writer: ThreadPoolExecutor, readers: ThreadPoolExecutor) -> None:
+        writer.shutdown(wait=True)
+        readers.shutdown(wait=True)
+        with self._read_lock:
+            conns, self._read_conns = self._read_conns, []
+        for conn in conns:
+            conn.close()
+
+    # -- running work on the store's threads ----------------------------------------------
+
+    async def _write(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._writer is None:
+            raise StoreError("store_closed", "the store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._in_write, op)
+
+    def _in_write(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        conn = self._write_conn
+        if conn is None:
+            raise StoreError("store_closed", "the store is not open")
+        try:
+            with transaction(conn, write=True):
+                return op(conn)
+        except sqlite3.Error as exc:
+            raise StoreError("storage_error", f"database error: {exc}") from exc
+
+    async def _read(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._readers is None:
+            raise StoreError("store_closed", "the store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self._in_read, op)
+
+    def _in_read(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        try:
+            conn: sqlite3.Connection | None = getattr(self._read_local, "conn", None)
+            if conn is None:
+                conn = connect(self._db_path, readonly=True)
+                self._read_local.conn = conn
+                with self._read_lock:
+                    self._read_conns.append(conn)
+            with transaction(conn, write=False):  # one snapshot for the whole read
+                return op(conn)
+        except sqlite3.Error as exc:
+            raise StoreError("storage_error", f"database error: {exc}") from exc
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    async def put_blob(self, data: bytes) -> str:
+        if self._writer is None:
+            raise StoreError("store_closed", "the store is not open")
+        return await asyncio.to_thread(self._put_blob_sync, data)
+
+    def blob_path(self, digest: str) -> Path:
+        if not _DIGEST.fullmatch(digest):
+            raise ValueError(f"not a sha256 hex digest: {digest!r}")
+        return self._blob_dir / digest[:2] / digest
+
+    async def read_blob(self, digest: str) -> bytes:
+        path = self.blob_path(digest)
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise NotFound("blob_not_found", f"blob {digest} not found") from None
+        except OSError as exc:
+            raise StoreError("storage_error", f"cannot read blob {digest}: {exc}") from exc
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError("blob_corrupt", f"blob {digest} does not match its digest")
+        return data
+
+    def _put_blob_sync(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.blob_path(digest)
+        try:
+            if path.is_file() and path.stat().st_size == len(data):
+                return digest
+            _write_durably(path, data)
+        except OSError as exc:
+            raise StoreError("storage_error", f"cannot write blob {digest}: {exc}") from exc
+        return digest
+
+    # -- tenants --------------------------------------------------------------------------
+
+    async def create_tenant(self, name: str) -> tuple[Tenant, str]:
+        if not name.strip():
+            raise ValueError("tenant name must not be empty")
+        now = time.time()
+        return await self._write(lambda c: catalog.create_tenant(c, name, now))
+
+    async def tenant_for_key(self, key: str) -> Tenant | None:
+        return await self._read(lambda c: catalog.tenant_for_key(c, key))
+
+    async def list_tenants(self) -> list[Tenant]:
+        return await self._read(catalog.list_tenants)
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        return await self._read(lambda c: catalog.get_tenant(c, tenant_id))
+
+    # -- functions ------------------------------------------------------------------------
+
+    async def put_function(
+        self, tenant_id: str, name: str, digest: str, size: int, config: FunctionConfig
+    ) -> tuple[FunctionVersion, bool]:
+        path = self.blob_path(digest)
+        for route in config.routes:
+            parse_route(route)  # fail on syntax before queueing behind other writes
+
+        def op(conn: sqlite3.Connection) -> tuple[FunctionVersion, bool]:
+            # A version may only point to a blob that is already durably stored.
+            if not path.is_file():
+                raise NotFound("blob_not_found", f"blob {digest} not found")
+            return catalog.put_function(conn, tenant_id, name, digest, size, config, time.time())
+
+        return await self._write(op)
+
+    async def get_function(self, tenant_id: str, name: str) -> FunctionInfo:
+        return await self._read(lambda c: catalog.get_function(c, tenant_id, name))
+
+    async def find_function(self, name: str) -> FunctionInfo | None:
+        return await self._read(lambda c: catalog.find_function(c, name))
+
+    async def list_functions(self, tenant_id: str | None = None) -> list[FunctionInfo]:
+        return await self._read(lambda c: catalog.list_functions(c, tenant_id))
+
+    async def get_version(
+        self, tenant_id: str, name: str, version: int | None = None
+    ) -> FunctionVersion:
+        return await self._read(lambda c: catalog.get_version(c, tenant_id, name, version))
+
+    async def list_versions(self, tenant_id: str, name: str) -> list[FunctionVersion]:
+        return await self._read(lambda c: catalog.list_versions(c, tenant_id, name))
+
+    async def rollback(self, tenant_id: str, name: str, version: int) -> FunctionVersion:
+        now = time.time()
+        return await self._write(lambda c: catalog.rollback(c, tenant_id, name, version, now))
+
+    async def delete_function(self, tenant_id: str, name: str) -> None:
+        await self._write(lambda c: catalog.delete_function(c, tenant_id, name))
+
+    async def all_routes(self) -> list[RouteEntry]:
+        return await self._read(catalog.all_routes)
+
+    # -- KV -------------------------------------------------------------------------------
+
+    async def kv_get(self, tenant_id: str, key: str) -> bytes | None:
+        return await self._read(lambda c: kv.get(c, tenant_id, key))
+
+    async def kv_put(
+        self, tenant_id: str, key: str, value: bytes, *, max_bytes: int, max_keys: int
+    ) -> None:
+        await self._write(
+            lambda c: kv.put(c, tenant_id, key, value, max_bytes=max_bytes, max_keys=max_keys)
+        )
+
+    async def kv_delete(self, tenant_id: str, key: str) -> bool:
+        return await self._write(lambda c: kv.delete(c, tenant_id, key))
+
+    async def kv_list(
+        self, tenant_id: str, prefix: str = "", limit: int = 100, after: str | None = None
+    ) -> list[str]:
+        return await self._read(lambda c: kv.list_keys(c, tenant_id, prefix, limit, after))
+
+    async def kv_incr(
+        self, tenant_id: str, key: str, delta: int = 1, *, max_bytes: int, max_keys: int
+    ) -> int:
+        return await self._write(
+            lambda c: kv.incr(c, tenant_id, key, delta, max_bytes=max_bytes, max_keys=max_keys)
+        )
+
+    async def kv_usage(self, tenant_id: str) -> tuple[int, int]:
+        return await self._read(lambda c: kv.usage(c, tenant_id))
+
+    # -- invocation records ---------------------------------------------------------------
+
+    async def insert_invocation(self, rec: InvocationRecord) -> None:
+        await self._write(lambda c: records.insert_invocation(c, rec))
+
+    async def finish_invocation(self, rec: InvocationRecord) -> None:
+        await self._write(lambda c: records.finish_invocation(c, rec))
+
+    async def get_invocation(self, invocation_id: str) -> InvocationRecord:
+        return await self._read(lambda c: records.get_invocation(c, invocation_id))
+
+    async def list_invocations(
+        self,
+        *,
+        tenant_id: str | None = None,
+        function: str | None = None,
+        outcome: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[InvocationRecord], str | None]:
+        return await self._read(
+            lambda c: records.list_invocations(
+                c,
+                tenant_id=tenant_id,
+                function=function,
+                outcome=outcome,
+                since=since,
+                until=until,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+
+    # -- log lines ------------------------------------------------------------------------
+
+    async def append_logs(self, lines: Sequence[NewLogLine]) -> None:
+        if lines:
+            batch = list(lines)
+            await self._write(lambda c: logs.append(c, batch, self._scopes))
+
+    async def query_logs(
+        self,
+        *,
+        tenant_id: str | None = None,
+        function: str | None = None,
+        invocation_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        level_min: str | None = None,
+        q: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[LogLine], str | None]:
+        return await self._read(
+            lambda c: logs.query(
+                c,
+                fts=self._fts,
+                tenant_id=tenant_id,
+                function=function,
+                invocation_id=invocation_id,
+                since=since,
+                until=until,
+                level_min=level_min,
+                q=q,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+
+    async def logs_after(
+        self,
+        *,
+        tenant_id: str | None,
+        function: str,
+        after_id: int,
+        limit: int = 1000,
+        level_min: str | None = None,
+        q: str | None = None,
+    ) -> list[LogLine]:
+        return await self._read(
+            lambda c: logs.after(
+                c,
+                fts=self._fts,
+                tenant_id=tenant_id,
+                function=function,
+                after_id=after_id,
+                limit=limit,
+                level_min=level_min,
+                q=q,
+            )
+        )
+
+    async def enforce_retention(
+        self, *, max_lines_per_function: int, max_age_s: float, batch: int = 10_000
+    ) -> int:
+        cutoff = time.time() - max_age_s
+        return await self._write(
+            lambda c: records.enforce_retention(
+                c, max_lines=max_lines_per_function, cutoff=cutoff, budget=batch
+            )
+        )
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Temp file in the target directory, fsync, rename, fsync the directory."""
+    new_dir = not path.parent.is_dir()
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    if new_dir:
+        _fsync_dir(path.parent.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o444)  # content-addressed: never changes
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temp_files(blob_dir: Path) -> None:
+    cutoff = time.time() - _STALE_TEMP_S
+    for tmp in blob_dir.glob("*/.tmp-*"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,352 @@
+"""Admin API: tenants, functions, versions, rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .errors import ApiError
+from .http import parse_json, read_body
+from .store import Conflict, FunctionConfig, FunctionInfo, FunctionVersion, NotFound, parse_route
+from .upload import CodeBundle, UploadError, UploadLimits, bundle_from_source, bundle_from_zip
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+HOST_RE = re.compile(
+    r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*(:\d{1,5})?$"
+)
+MAX_ROUTES = 20
+MAX_ENV = 64
+MAX_ENV_BYTES = 16 * 1024
+JSON_KEYS = {
+    "source",
+    "archive",
+    "routes",
+    "timeout_s",
+    "memory_mb",
+    "env",
+    "public",
+    "egress_allow",
+    "entrypoint",
+}
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ApiError(
+            400,
+            "invalid_name",
+            "function names match ^[a-z][a-z0-9-]{0,62}$ (lowercase, digits, dashes)",
+        )
+    return name
+
+
+def version_json(fv: FunctionVersion) -> dict[str, Any]:
+    return {
+        "name": fv.name,
+        "version": fv.version,
+        "digest": fv.digest,
+        "size": fv.size,
+        "created_at": fv.created_at,
+        **fv.config.to_json(),
+    }
+
+
+def info_json(info: FunctionInfo, fv: FunctionVersion) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "tenant": info.tenant_id,
+        "version": info.active_version,
+        "latest_version": info.latest_version,
+        "created_at": info.created_at,
+        "updated_at": info.updated_at,
+        "digest": fv.digest,
+        **fv.config.to_json(),
+    }
+
+
+def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
+    s = gw.settings
+    routes = opts.get("routes", [])
+    if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+        raise ApiError(400, "invalid_routes", "routes must be a list of strings like 'GET /path'")
+    if len(routes) > MAX_ROUTES:
+        raise ApiError(400, "invalid_routes", f"at most {MAX_ROUTES} routes per function")
+    for r in routes:
+        try:
+            parse_route(r)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_routes", str(exc)) from None
+    timeout = opts.get("timeout_s", s.default_timeout_s)
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not (0 < timeout <= s.max_timeout_s)
+    ):
+        raise ApiError(
+            400, "invalid_timeout", f"timeout_s must be a number in (0, {s.max_timeout_s}]"
+        )
+    memory = opts.get("memory_mb", s.default_memory_mb)
+    if (
+        isinstance(memory, bool)
+        or not isinstance(memory, int)
+        or not 32 <= memory <= s.max_memory_mb
+    ):
+        raise ApiError(
+            400, "invalid_memory", f"memory_mb must be an integer in [32, {s.max_memory_mb}]"
+        )
+    env = opts.get("env", {})
+    if not isinstance(env, dict) or len(env) > MAX_ENV:
+        raise ApiError(400, "invalid_env", f"env must be an object of at most {MAX_ENV} strings")
+    size = 0
+    for k, v in env.items():
+        if not ENV_NAME_RE.match(k) or not isinstance(v, str) or "\x00" in v:
+            raise ApiError(
+                400, "invalid_env", "env names match [A-Za-z_][A-Za-z0-9_]*, values are strings"
+            )
+        size += len(k) + len(v)
+    if size > MAX_ENV_BYTES:
+        raise ApiError(400, "invalid_env", f"env exceeds {MAX_ENV_BYTES} bytes")
+    public = opts.get("public", False)
+    if not isinstance(public, bool):
+        raise ApiError(400, "invalid_public", "public must be true or false")
+    egress = opts.get("egress_allow", [])
+    if (
+        not isinstance(egress, list)
+        or len(egress) > 64
+        or not all(isinstance(h, str) and HOST_RE.match(h.lower()) for h in egress)
+    ):
+        raise ApiError(
+            400,
+            "invalid_egress_allow",
+            "egress_allow is a list of host names, optionally with :port or a *. prefix",
+        )
+    entrypoint = opts.get("entrypoint") or "handler:handler"
+    if not isinstance(entrypoint, str):
+        raise ApiError(400, "bad_entrypoint", "entrypoint must be a string 'module:function'")
+    return FunctionConfig(
+        routes=tuple(routes),
+        timeout_s=float(timeout),
+        memory_mb=memory,
+        env=tuple(sorted(env.items())),
+        public=public,
+        egress_allow=tuple(h.lower() for h in egress),
+        entrypoint=entrypoint,
+    )
+
+
+def _query_opts(request: Request) -> dict[str, Any]:
+    """Options for raw uploads come from the query string."""
+    q = request.query_params
+    opts: dict[str, Any] = {}
+    try:
+        if "timeout_s" in q:
+            opts["timeout_s"] = float(q["timeout_s"])
+        if "memory_mb" in q:
+            opts["memory_mb"] = int(q["memory_mb"])
+    except ValueError:
+        raise ApiError(
+            400, "invalid_parameter", "timeout_s and memory_mb must be numbers"
+        ) from None
+    if "public" in q:
+        opts["public"] = q["public"].lower() in ("1", "true", "yes")
+    if "routes" in q:
+        opts["routes"] = q.getlist("routes")
+    if "entrypoint" in q:
+        opts["entrypoint"] = q["entrypoint"]
+    if "egress_allow" in q:
+        opts["egress_allow"] = q.getlist("egress_allow")
+    return opts
+
+
+async def put_function(gw: Gateway, request: Request) -> Response:
+    who = await gw.auth(request)
+    name = check_name(request.path_params["name"])
+    s = gw.settings
+    # base64 grows the archive by 4/3: allow for it on JSON bodies.
+    body = await read_body(request, s.max_upload_bytes * 4 // 3 + 65536)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limits = UploadLimits(max_archive_bytes=s.max_upload_bytes)
+    source: bytes | None = None
+    archive: bytes | None = None
+    if ctype in ("text/x-python", "text/plain", "text/x-script.python"):
+        opts, source = _query_opts(request), body
+    elif ctype in ("application/zip", "application/x-zip-compressed"):
+        opts, archive = _query_opts(request), body
+    elif ctype in ("application/json", ""):
+        data = parse_json(body)
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "body must be a JSON object")
+        unknown = set(data) - JSON_KEYS
+        if unknown:
+            raise ApiError(400, "unknown_field", f"unknown fields: {', '.join(sorted(unknown))}")
+        opts = data
+        if ("source" in data) == ("archive" in data):
+            raise ApiError(400, "missing_code", "give exactly one of 'source' or 'archive'")
+        if "source" in data:
+            if not isinstance(data["source"], str):
+                raise ApiError(400, "missing_code", "'source' must be a string")
+            source = data["source"].encode("utf-8", "surrogatepass")
+        else:
+            if not isinstance(data["archive"], str):
+                raise ApiError(400, "missing_code", "'archive' must be a base64 string")
+            try:
+                archive = base64.b64decode(data["archive"], validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "bad_zip", "'archive' is not valid base64") from None
+    else:
+        raise ApiError(
+            415, "unsupported_media_type", "send application/json, text/x-python or application/zip"
+        )
+    config = _config(gw, opts)
+    if source is not None and len(source) > limits.max_source_bytes:
+        raise ApiError(413, "too_large", f"source exceeds {limits.max_source_bytes} bytes")
+    if archive is not None and len(archive) > limits.max_archive_bytes:
+        raise ApiError(413, "too_large", f"archive exceeds {limits.max_archive_bytes} bytes")
+    try:
+        bundle: CodeBundle
+        if source is not None:
+            bundle = await asyncio.to_thread(
+                bundle_from_source, source, entrypoint=config.entrypoint, limits=limits
+            )
+        else:
+            assert archive is not None
+            bundle = await asyncio.to_thread(
+                bundle_from_zip, archive, entrypoint=config.entrypoint, limits=limits
+            )
+        blob = await asyncio.to_thread(bundle.to_zip)
+    except UploadError as exc:
+        status = 413 if exc.code in ("too_large", "too_many_files", "zip_bomb") else 400
+        raise ApiError(status, exc.code, exc.message, detail=exc.detail) from None
+    owner = await gw.store.find_function(name)
+    if owner is not None and owner.tenant_id != who.tenant_id:
+        raise ApiError(409, "name_taken", f"the function name {name!r} is taken")
+    digest = await gw.store.put_blob(blob)
+    try:
+        fv, created = await gw.store.put_function(who.tenant_id, name, digest, len(blob), config)
+    except Conflict as exc:
+        raise ApiError(409, exc.code, exc.message) from None
+    await gw.routes_changed()
+    return JSONResponse(version_json(fv), status_code=201 if created else 200)
+
+
+async def _own(gw: Gateway, request: Request) -> tuple[str, str]:
+    who = await gw.auth(request)
+    name = check_name(request.path_params["name"])
+    tenant = who.tenant_id
+    if who.admin:
+        info = await gw.store.find_function(name)
+        if info is not None:
+            tenant = info.tenant_id
+    return tenant, name
+
+
+async def get_function(gw: Gateway, request: Request) -> Response:
+    tenant, name = await _own(gw, request)
+    try:
+        info = await gw.store.get_function(tenant, name)
+        fv = await gw.store.get_version(tenant, name, None)
+    except NotFound:
+        raise ApiError(404, "function_not_found", f"no function named {name!r}") from None
+    return JSONResponse(info_json(info, fv))
+
+
+async def list_functions(gw: Gateway, request: Request) -> Response:
+    who = await gw.auth(request)
+    items = []
+    for info in await gw.store.list_functions(who.scope()):
+        fv = await gw.store.get_version(info.tenant_id, info.name, None)
+        items.append(info_json(info, fv))
+    return JSONResponse({"functions": items})
+
+
+async def delete_function(gw: Gateway, request: Request) -> Response:
+    tenant, name = await _own(gw, request)
+    try:
+        await gw.store.delete_function(tenant, name)
+    except NotFound:
+        raise ApiError(404, "function_not_found", f"no function named {name!r}") from None
+    await gw.routes_changed()
+    if gw.pool is not None:
+        gw.pool.forget(f"{tenant}/{name}")
+    return Response(status_code=204)
+
+
+async def list_versions(gw: Gateway, request: Request) -> Response:
+    tenant, name = await _own(gw, request)
+    try:
+        info = await gw.store.get_function(tenant, name)
+        versions = await gw.store.list_versions(tenant, name)
+    except NotFound:
+        raise ApiError(404, "function_not_found", f"no function named {name!r}") from None
+    return JSONResponse(
+        {"active_version": info.active_version, "versions": [version_json(v) for v in versions]}
+    )
+
+
+async def rollback(gw: Gateway, request: Request) -> Response:
+    tenant, name = await _own(gw, request)
+    data = (
+        parse_json(await read_body(request, 4096))
+        if request.headers.get("content-length") not in (None, "0")
+        else {}
+    )
+    version = data.get("version") if isinstance(data, dict) else None
+    if version is None:
+        raw = request.query_params.get("version")
+        version = int(raw) if raw and raw.isdigit() else None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ApiError(400, "invalid_version", 'give the version to roll back to: {"version": N}')
+    try:
+        await gw.store.get_function(tenant, name)
+    except NotFound:
+        raise ApiError(404, "function_not_found", f"no function named {name!r}") from None
+    try:
+        fv = await gw.store.rollback(tenant, name, version)
+    except NotFound:
+        raise ApiError(404, "version_not_found", f"{name!r} has no version {version}") from None
+    except Conflict as exc:
+        raise ApiError(409, exc.code, exc.message) from None
+    await gw.routes_changed()
+    return JSONResponse(version_json(fv))
+
+
+async def create_tenant(gw: Gateway, request: Request) -> Response:
+    who = await gw.auth(request)
+    if not who.admin:
+        raise ApiError(403, "forbidden", "only the admin key can create tenants")
+    data = parse_json(await read_body(request, 4096))
+    name = data.get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ApiError(400, "invalid_name", "tenant name must match ^[a-z][a-z0-9-]{0,62}$")
+    try:
+        tenant, key = await gw.store.create_tenant(name)
+    except Conflict as exc:
+        raise ApiError(409, exc.code, exc.message) from None
+    return JSONResponse(
+        {"id": tenant.id, "name": tenant.name, "key": key, "created_at": tenant.created_at},
+        status_code=201,
+    )
+
+
+async def list_tenants(gw: Gateway, request: Request) -> Response:
+    who = await gw.auth(request)
+    if not who.admin:
+        raise ApiError(403, "forbidden", "only the admin key can list tenants")
+    return JSONResponse(
+        {
+            "tenants": [
+                {"id": t.id, "name": t.name, "created_at": t.created_at}
+                for t in await gw.store.list_tenants()
+            ]
+        }
+    )

@@ -1,0 +1,281 @@
+"""The Starlette app: create_app(settings), its lifespan, and the invocation routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jail import JailRunner, JailUnavailable, choose_jail_dir
+from jail.pool import WarmPool
+
+from . import api_functions as fns
+from . import api_logs, openapi
+from .config import Settings, load_admin_key
+from .deploy import deploy_examples
+from .errors import (
+    ApiError,
+    api_error_handler,
+    error_response,
+    http_error_handler,
+    unhandled_error_handler,
+)
+from .http import DEFAULT_TENANT, Principal, read_body, require
+from .invoke import Call, Invoker, new_invocation_id, to_http
+from .logbus import LogBus
+from .metrics import Metrics
+from .middleware import RequestContextMiddleware
+from .routes_table import RouteTable
+from .scheduler import Scheduler
+from .store import FunctionVersion, NotFound, Store, Tenant, open_store
+
+log = structlog.get_logger("nsfaas.gateway")
+RESERVED = ("/api/", "/fn/", "/healthz", "/metrics")
+
+
+class Gateway:
+    """The long-lived services of one app, created in the lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.logbus = LogBus()
+        self.scheduler = Scheduler(
+            max_concurrency=settings.max_concurrency,
+            function_concurrency=settings.function_concurrency,
+            queue_size=settings.queue_size,
+            queue_timeout_s=settings.queue_timeout_s,
+        )
+        self.store: Store = open_store(settings.data_dir)
+        self.runner: JailRunner | None = None
+        self.pool: WarmPool | None = None
+        self.unavailable: str | None = "starting"
+        self.admin_key = ""
+        self.default_tenant = Tenant("", DEFAULT_TENANT, 0.0)
+        self.routes = RouteTable([])
+        self.invoker: Invoker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def auth(self, request: Request) -> Principal:
+        return await require(request, self.store, self.admin_key, self.default_tenant)
+
+    async def routes_changed(self) -> None:
+        self.routes = RouteTable(await self.store.all_routes())
+
+    async def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.admin_key, key_file = load_admin_key(s)
+        if key_file is not None:
+            log.info("admin_key_file", path=str(key_file))
+        await self.store.open()
+        tenants = {t.name: t for t in await self.store.list_tenants()}
+        self.default_tenant = (
+            tenants.get(DEFAULT_TENANT) or (await self.store.create_tenant(DEFAULT_TENANT))[0]
+        )
+        await self.routes_changed()
+        try:
+            jail_dir = choose_jail_dir(s.data_dir, s.jail_dir)
+            self.runner = await asyncio.to_thread(
+                JailRunner.create,
+                jail_dir=jail_dir,
+                nsjail=s.nsjail,
+                python=s.runtime_python,
+                base_cfg=s.jail_config,
+            )
+            await self.runner.self_check()
+            self.unavailable = None
+        except JailUnavailable as exc:
+            self.runner = None
+            self.unavailable = str(exc)
+            log.error("jails_unavailable", reason=str(exc))
+        if self.runner is not None and s.warm:
+            self.pool = WarmPool(
+                self.runner.config,
+                max_idle_per_key=s.warm_max_workers,
+                idle_s=s.warm_idle_s,
+                memory_budget_mb=s.warm_memory_budget_mb,
+                on_change=lambda n: self.metrics.warm_workers.set(n),
+            )
+            self.pool.start()
+        self.invoker = Invoker(
+            settings=s,
+            store=self.store,
+            runner=self.runner,
+            pool=self.pool,
+            scheduler=self.scheduler,
+            metrics=self.metrics,
+            on_logs=self.logbus.notify,
+        )
+        self.invoker.unavailable_reason = self.unavailable
+        self._tasks.append(asyncio.create_task(self._retention_loop()))
+        if s.examples_dir is not None:
+            await deploy_examples(self, s.examples_dir)
+
+    async def _retention_loop(self) -> None:
+        s = self.settings
+        while True:
+            try:
+                await self.store.enforce_retention(
+                    max_lines_per_function=s.log_retention_lines, max_age_s=s.log_retention_s
+                )
+            except Exception:
+                log.exception("retention_failed")
+            await asyncio.sleep(5.0)
+
+    async def stop(self, deadline_s: float = 10.0) -> None:
+        """Finish in-flight invocations up to a deadline, then close every jail."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.scheduler.wait_idle(), deadline_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.logbus.close()
+        if self.pool is not None:
+            await self.pool.aclose()
+        await self.store.aclose()
+
+
+def create_app(settings: Settings) -> Starlette:
+    gw = Gateway(settings)
+
+    def bind(
+        fn: Callable[[Gateway, Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await fn(gw, request)
+
+        endpoint.__name__ = fn.__name__
+        return endpoint
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    async def healthz(request: Request) -> Response:
+        body: dict[str, Any] = {
+            "status": "ok" if gw.unavailable is None else "degraded",
+            "jails": "ok" if gw.unavailable is None else "unavailable",
+        }
+        if gw.unavailable is not None:
+            body["reason"] = gw.unavailable
+        return JSONResponse(body, status_code=200 if gw.unavailable is None else 503)
+
+    async def metrics(request: Request) -> Response:
+        gw.metrics.queued.set(gw.scheduler.queued)
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def invoke_named(request: Request) -> Response:
+        name = request.path_params["name"]
+        sub = "/" + request.path_params.get("path", "")
+        info = await gw.store.find_function(name) if fns.NAME_RE.match(name) else None
+        if info is None:
+            return error_response(
+                404,
+                "function_not_found",
+                f"no function named {name!r}",
+                invocation_id=new_invocation_id(),
+            )
+        return await _invoke(request, info.tenant_id, name, sub, {})
+
+    async def invoke_declared(request: Request) -> Response:
+        path = request.url.path
+        match = gw.routes.match(request.method, path)
+        if match is None:
+            raise HTTPException(404, f"no route for {request.method} {path}")
+        return await _invoke(request, match.tenant_id, match.name, path, match.path_params)
+
+    async def _invoke(
+        request: Request, tenant: str, name: str, path: str, params: dict[str, str]
+    ) -> Response:
+        try:
+            fv = await gw.store.get_version(tenant, name, None)
+        except NotFound:
+            return error_response(
+                404,
+                "function_not_found",
+                f"no function named {name!r}",
+                invocation_id=new_invocation_id(),
+            )
+        try:
+            await _authorize(request, fv)
+            body = await read_body(request, settings.max_request_bytes)
+        except ApiError as exc:
+            return error_response(
+                exc.status,
+                exc.code,
+                exc.message,
+                headers=exc.headers,
+                invocation_id=new_invocation_id(),
+            )
+        assert gw.invoker is not None
+        call = Call(
+            method=request.method,
+            path=path,
+            query_string=request.url.query,
+            headers=tuple(
+                (k.decode("latin-1"), v.decode("latin-1"))
+                for k, v in request.headers.raw
+                if k.lower() != b"authorization"
+            ),
+            body=body,
+            path_params=params,
+        )
+        result, inv_id = await gw.invoker.invoke(fv, call)
+        return to_http(result, inv_id, head=request.method == "HEAD")
+
+    async def _authorize(request: Request, fv: FunctionVersion) -> None:
+        if fv.config.public:
+            return
+        who = await gw.auth(request)
+        if not who.admin and who.tenant_id != fv.tenant_id:
+            raise ApiError(404, "function_not_found", f"no function named {fv.name!r}")
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/api/v1/openapi.json", openapi.endpoint, methods=["GET"]),
+        Route("/api/v1/tenants", bind(fns.create_tenant), methods=["POST"]),
+        Route("/api/v1/tenants", bind(fns.list_tenants), methods=["GET"]),
+        Route("/api/v1/functions", bind(fns.list_functions), methods=["GET"]),
+        Route("/api/v1/functions/{name}", bind(fns.put_function), methods=["PUT"]),
+        Route("/api/v1/functions/{name}", bind(fns.get_function), methods=["GET"]),
+        Route("/api/v1/functions/{name}", bind(fns.delete_function), methods=["DELETE"]),
+        Route("/api/v1/functions/{name}/versions", bind(fns.list_versions), methods=["GET"]),
+        Route("/api/v1/functions/{name}/rollback", bind(fns.rollback), methods=["POST"]),
+        *api_logs.routes(bind),
+        Route("/fn/{name}", invoke_named, methods=methods),
+        Route("/fn/{name}/{path:path}", invoke_named, methods=methods),
+        Route("/{path:path}", invoke_declared, methods=methods),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_error_handler,
+            Exception: unhandled_error_handler,
+        },
+    )
+    app.state.gateway = gw
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def examples_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "functions"

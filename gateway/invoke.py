@@ -1,0 +1,277 @@
+"""One invocation from start to record: admission, code, jail, logs, response."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+from starlette.responses import Response
+
+from jail import Invocation, JailResult, JailRunner, Limits
+from jail.pool import WarmPool
+
+from .config import Settings
+from .errors import error_response
+from .metrics import Metrics
+from .scheduler import Rejected, Scheduler
+from .store import FunctionVersion, InvocationRecord, NewLogLine, Store
+from .upload import unpack_bundle
+
+log = structlog.get_logger("nsfaas.invoke")
+
+STATUS_BY_OUTCOME = {
+    "error": 500,
+    "timeout": 504,
+    "oom": 502,
+    "killed": 502,
+    "output_limit": 502,
+    "bad_response": 502,
+    "rejected": 429,
+    "jail_failure": 503,
+}
+MESSAGES = {
+    "error": "the function raised an error",
+    "timeout": "the function timed out",
+    "oom": "the function ran out of memory",
+    "killed": "the function was killed",
+    "output_limit": "the function's output exceeded its limit",
+    "bad_response": "the function returned an invalid response",
+    "rejected": "too many invocations in flight; retry later",
+    "jail_failure": "the sandbox failed to start; retry later",
+}
+
+
+def new_invocation_id() -> str:
+    # Time-ordered prefix (ms) so ids sort roughly by start; random tail.
+    return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """An invocation request, already authenticated and size-checked."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    path_params: dict[str, str]
+    trigger: str = "http"
+    depth: int = 0
+
+
+class Invoker:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        runner: JailRunner | None,
+        pool: WarmPool | None,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        on_logs: Callable[[], None] = lambda: None,
+        proxy_dir_for: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.runner = runner
+        self.pool = pool
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.on_logs = on_logs
+        self.unavailable_reason: str | None = None
+        self._code_locks: dict[str, asyncio.Lock] = {}
+
+    def limits_for(self, fv: FunctionVersion) -> Limits:
+        s = self.settings
+        return Limits(
+            timeout_s=fv.config.timeout_s,
+            memory_mb=fv.config.memory_mb,
+            pids=s.pids,
+            log_bytes=s.max_log_bytes,
+            log_lines=s.max_log_lines,
+            response_bytes=s.max_response_bytes,
+            request_bytes=s.max_request_bytes,
+        )
+
+    async def code_dir(self, digest: str) -> Any:
+        assert self.runner is not None
+        runner = self.runner
+        path = runner.code_dir(digest)
+        if path.exists():
+            return path
+        lock = self._code_locks.setdefault(digest, asyncio.Lock())
+        async with lock:
+            if not path.exists():
+                blob = await self.store.read_blob(digest)
+                await asyncio.to_thread(
+                    runner.ensure_code, digest, lambda p: unpack_bundle(blob, p)
+                )
+        return path
+
+    async def invoke(self, fv: FunctionVersion, call: Call) -> tuple[JailResult, str]:
+        """Run one invocation and record it. Never raises for function behaviour."""
+        inv_id = new_invocation_id()
+        structlog.contextvars.bind_contextvars(
+            invocation_id=inv_id, function=fv.name, version=fv.version, tenant=fv.tenant_id
+        )
+        limits = self.limits_for(fv)
+        record = InvocationRecord(
+            id=inv_id,
+            tenant_id=fv.tenant_id,
+            function=fv.name,
+            version=fv.version,
+            trigger=call.trigger,
+            method=call.method,
+            path=call.path,
+            started_at=time.time(),
+            timeout_s=limits.timeout_s,
+            memory_mb=limits.memory_mb,
+            request_bytes=len(call.body),
+        )
+        await self.store.insert_invocation(record)
+        t0 = time.monotonic()
+        result: JailResult
+        try:
+            if self.runner is None:
+                result = JailResult(
+                    outcome="jail_failure",
+                    error_type="JailUnavailable",
+                    error_message=self.unavailable_reason or "jails are unavailable",
+                )
+            else:
+                result = await self._run(fv, call, inv_id, limits)
+        except Rejected as exc:
+            result = JailResult(outcome="rejected", error_type="Rejected", error_message=exc.reason)
+        except asyncio.CancelledError:
+            result = JailResult(
+                outcome="killed", error_type="Cancelled", error_message="the client went away"
+            )
+            await asyncio.shield(self._record(record, result, t0))
+            raise
+        await self._record(record, result, t0)
+        return result, inv_id
+
+    async def _run(
+        self, fv: FunctionVersion, call: Call, inv_id: str, limits: Limits
+    ) -> JailResult:
+        assert self.runner is not None
+        key = f"{fv.tenant_id}/{fv.name}"
+        self.metrics.queued.set(self.scheduler.queued)
+        async with self.scheduler.slot(key):
+            self.metrics.in_flight.inc()
+            try:
+                code = await self.code_dir(fv.digest)
+                spec = self.runner.spec(code, fv.config.entrypoint, limits)
+                inv = Invocation(
+                    invocation_id=inv_id,
+                    function=fv.name,
+                    version=fv.version,
+                    tenant=fv.tenant_id,
+                    method=call.method,
+                    path=call.path,
+                    query_string=call.query_string,
+                    headers=call.headers,
+                    path_params=call.path_params,
+                    body=call.body,
+                    env=dict(fv.config.env),
+                )
+                if self.pool is not None:
+                    return await self.pool.run(f"{key}@{fv.version}:{fv.digest}", spec, inv)
+                return await self.runner.run(spec, inv)
+            finally:
+                self.metrics.in_flight.dec()
+
+    async def _record(self, record: InvocationRecord, result: JailResult, t0: float) -> None:
+        wall_ms = (time.monotonic() - t0) * 1000.0
+        lines = [
+            NewLogLine(
+                ts=e.ts,
+                invocation_id=record.id,
+                tenant_id=record.tenant_id,
+                function=record.function,
+                level=e.level,
+                message=e.message,
+                fields={**e.fields, "stream": e.stream} if e.stream != "ctx" else e.fields,
+            )
+            for e in result.logs
+        ]
+        if result.logs_truncated:
+            lines.append(
+                NewLogLine(
+                    ts=time.time(),
+                    invocation_id=record.id,
+                    tenant_id=record.tenant_id,
+                    function=record.function,
+                    level="warning",
+                    message="[nsfaas] log output truncated: the invocation exceeded its log limit",
+                    fields={"truncated": True, "stream": "runtime"},
+                )
+            )
+            self.metrics.log_lines_dropped.inc()
+        status = result.status if result.outcome == "ok" else STATUS_BY_OUTCOME[result.outcome]
+        final = replace(
+            record,
+            status=status,
+            outcome=result.outcome,
+            wall_ms=round(wall_ms, 3),
+            cpu_ms=result.cpu_ms,
+            peak_memory_mb=result.peak_memory_mb,
+            start=result.start if result.outcome not in ("rejected", "jail_failure") else None,
+            response_bytes=len(result.body),
+            log_lines=len(lines),
+            logs_truncated=result.logs_truncated,
+            error_type=result.error_type,
+            error_message=result.error_message,
+            limit_name=result.limit_name,
+            limit_value=result.limit_value,
+        )
+        if lines:
+            await self.store.append_logs(lines)
+            self.on_logs()
+        await self.store.finish_invocation(final)
+        self.metrics.invocations.labels(record.function, result.outcome).inc()
+        self.metrics.duration.labels(record.function).observe(wall_ms / 1000.0)
+        if result.outcome not in ("rejected", "jail_failure"):
+            self.metrics.starts.labels(result.start).inc()
+        log.info(
+            "invocation_finished",
+            outcome=result.outcome,
+            status=status,
+            wall_ms=round(wall_ms, 2),
+            cpu_ms=result.cpu_ms,
+            start=final.start,
+            log_lines=len(lines),
+            limit=result.limit_name,
+        )
+
+
+def to_http(result: JailResult, inv_id: str, *, head: bool = False) -> Response:
+    """The HTTP answer for an invocation outcome."""
+    if result.outcome == "ok":
+        assert result.status is not None
+        headers = {"X-Invocation-Id": inv_id}
+        resp = Response(b"" if head else result.body, status_code=result.status)
+        for k, v in result.headers:
+            resp.headers.append(k, v)
+        for k, v in headers.items():
+            resp.headers[k] = v
+        return resp
+    extra = {"Retry-After": "1"} if result.outcome == "rejected" else None
+    detail: dict[str, Any] = {}
+    if result.limit_name:
+        detail = {"limit": result.limit_name, "limit_value": result.limit_value}
+    return error_response(
+        STATUS_BY_OUTCOME[result.outcome],
+        result.outcome,
+        MESSAGES[result.outcome],
+        invocation_id=inv_id,
+        headers=extra,
+        detail=detail,
+    )

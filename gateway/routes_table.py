@@ -1,0 +1,50 @@
+"""Declared routes ("GET /users/{id}") → the function that serves them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from starlette.routing import compile_path
+
+from .store import RouteEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    tenant_id: str
+    name: str
+    path_params: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    method: str
+    regex: re.Pattern[str]
+    params: int
+    length: int
+    entry: RouteEntry
+
+
+class RouteTable:
+    """Immutable snapshot; the gateway swaps in a new one after every change."""
+
+    def __init__(self, entries: list[RouteEntry]) -> None:
+        compiled = []
+        for e in entries:
+            regex, _, convertors = compile_path(e.path)
+            compiled.append(_Compiled(e.method, regex, len(convertors), len(e.path), e))
+        # Literal segments beat parameters: fewer parameters first, then longer paths.
+        self._routes = sorted(compiled, key=lambda c: (c.params, -c.length))
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def match(self, method: str, path: str) -> Match | None:
+        for c in self._routes:
+            if c.method not in ("ANY", method) and not (c.method == "GET" and method == "HEAD"):
+                continue
+            m = c.regex.match(path)
+            if m:
+                return Match(c.entry.tenant_id, c.entry.name, dict(m.groupdict()))
+        return None

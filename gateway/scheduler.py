@@ -1,0 +1,115 @@
+"""Admission control: a global and a per-function concurrency cap, one bounded queue.
+
+Past ``max_concurrency`` running invocations, callers wait in a FIFO queue
+of at most ``queue_size`` for at most ``queue_timeout_s``; a full queue or an
+expired wait is the ``rejected`` outcome (HTTP 429). Waiters hold no request
+body beyond the already capped one, so the gateway's memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+
+
+class Rejected(Exception):
+    """No slot within the queue limits; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, reason: str, retry_after: int = 1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        max_concurrency: int,
+        function_concurrency: int,
+        queue_size: int,
+        queue_timeout_s: float,
+    ) -> None:
+        self.max_concurrency = max(1, max_concurrency)
+        self.function_concurrency = max(1, function_concurrency)
+        self.queue_size = queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self.running = 0
+        self.per_function: collections.Counter[str] = collections.Counter()
+        self._waiters: collections.deque[tuple[str, asyncio.Future[None]]] = collections.deque()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is running (used by graceful shutdown)."""
+        await self._idle.wait()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def _can_run(self, key: str) -> bool:
+        return (
+            self.running < self.max_concurrency
+            and self.per_function[key] < self.function_concurrency
+        )
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        """Hold a running slot for function ``key`` (or raise Rejected)."""
+        if not (self._can_run(key) and not self._waiters):
+            if len(self._waiters) >= self.queue_size:
+                raise Rejected("the invocation queue is full")
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (key, fut)
+            self._waiters.append(entry)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout_s)
+            except TimeoutError:
+                if fut.done():
+                    self._release(key)  # granted at the last moment: give it back
+                else:
+                    self._waiters.remove(entry)
+                raise Rejected("timed out waiting for a free slot") from None
+            except asyncio.CancelledError:
+                if fut.done():
+                    self._release(key)
+                else:
+                    self._waiters.remove(entry)
+                raise
+        else:
+            self._grant(key)
+        try:
+            yield
+        finally:
+            self._release(key)
+
+    def _grant(self, key: str) -> None:
+        self.running += 1
+        self.per_function[key] += 1
+        self._idle.clear()
+
+    def _release(self, key: str) -> None:
+        self.running -= 1
+        self.per_function[key] -= 1
+        if not self.running:
+            self._idle.set()
+        if not self.per_function[key]:
+            del self.per_function[key]
+        self._wake()
+
+    def _wake(self) -> None:
+        """Grant slots to waiters in FIFO order, skipping functions at their own cap."""
+        for entry in list(self._waiters):
+            key, fut = entry
+            if self.running >= self.max_concurrency:
+                return
+            if fut.done():
+                self._waiters.remove(entry)
+                continue
+            if self.per_function[key] < self.function_concurrency:
+                self._waiters.remove(entry)
+                self._grant(key)
+                fut.set_result(None)

@@ -1,0 +1,199 @@
+"""Warm path: idle jailed workers per function version, reused across invocations.
+
+A warm worker is a jail whose runtime has already imported the function; each
+invocation still runs in a fresh child forked from it (see runtime/bootstrap.py),
+so what one invocation may see of an earlier one is exactly: nothing in memory
+(fresh fork), nothing in /tmp (wiped between invocations), no leftover process
+(all killed), no fd (closed in the child). What the function's *import* did
+happens once per worker, as with Lambda's init phase.
+
+A worker that ends an invocation broken (timeout, killed runtime, protocol
+error) is never reused: the next invocation gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from .command import JailConfig, JailSpec
+from .errors import WorkerError
+from .result import Ending, JailResult, decide
+from .worker import Invocation, Worker
+
+
+@dataclass(slots=True)
+class PoolStats:
+    started: int = 0
+    reused: int = 0
+    replaced: int = 0  # workers that died or broke and were dropped
+    evicted: int = 0  # idle workers closed by the reaper or the memory budget
+
+
+@dataclass(slots=True)
+class _Key:
+    idle: collections.deque[Worker] = field(default_factory=collections.deque)
+    busy: int = 0
+
+
+class WarmPool:
+    """Keyed by function version: a new version never reuses an old worker."""
+
+    def __init__(
+        self,
+        config: JailConfig,
+        *,
+        max_idle_per_key: int = 4,
+        idle_s: float = 120.0,
+        memory_budget_mb: int = 2048,
+        on_change: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.config = config
+        self.max_idle_per_key = max_idle_per_key
+        self.idle_s = idle_s
+        self.memory_budget_mb = memory_budget_mb
+        self.on_change = on_change
+        self.stats = PoolStats()
+        self._keys: dict[str, _Key] = {}
+        self._current: dict[str, str] = {}  # function -> its current version key
+        self._closing: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def idle_workers(self) -> int:
+        return sum(len(k.idle) for k in self._keys.values())
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_loop())
+
+    async def run(self, key: str, spec: JailSpec, inv: Invocation) -> JailResult:
+        spec = replace(spec, mode="warm")
+        self._retire_old_versions(key)
+        entry = self._keys.setdefault(key, _Key())
+        t0 = time.monotonic()
+        worker = None
+        while entry.idle:
+            cand = entry.idle.pop()  # most recently used: warmest caches
+            if cand.alive:
+                worker = cand
+                break
+            self.stats.replaced += 1
+            self._close_later(cand)
+        kind = "warm"
+        entry.busy += 1
+        try:
+            if worker is None:
+                kind = "cold"
+                worker = Worker(self.config, spec)
+                self.stats.started += 1
+                try:
+                    async with asyncio.timeout(spec.limits.timeout_s):
+                        await worker.start()
+                except TimeoutError:
+                    await worker.aclose(kill=True)
+                    fields = decide(Ending(limits=spec.limits, timed_out=True))
+                    return JailResult(wall_ms=(time.monotonic() - t0) * 1000.0, **fields)
+                except WorkerError as exc:
+                    await worker.aclose(kill=True)
+                    return JailResult(
+                        outcome="jail_failure",
+                        error_type="JailFailure",
+                        error_message=str(exc),
+                        wall_ms=(time.monotonic() - t0) * 1000.0,
+                    )
+            else:
+                self.stats.reused += 1
+            result = await worker.invoke(inv, start=kind)
+        finally:
+            entry.busy -= 1
+        if worker.alive and self._current.get(_fn(key)) == key and not self._closed:
+            if len(entry.idle) < self.max_idle_per_key:
+                entry.idle.append(worker)
+                self._enforce_budget()
+            else:
+                self._close_later(worker)
+        else:
+            if not worker.alive and worker.load_error is None:
+                self.stats.replaced += 1
+            self._close_later(worker)
+        self.on_change(self.idle_workers)
+        return replace(result, wall_ms=(time.monotonic() - t0) * 1000.0)
+
+    def _retire_old_versions(self, key: str) -> None:
+        fn = _fn(key)
+        old = self._current.get(fn)
+        self._current[fn] = key
+        if old is not None and old != key:
+            entry = self._keys.get(old)
+            if entry is not None:
+                while entry.idle:
+                    self._close_later(entry.idle.pop())
+                if not entry.busy:
+                    del self._keys[old]
+
+    def _close_later(self, worker: Worker) -> None:
+        task = asyncio.create_task(worker.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _enforce_budget(self) -> None:
+        """Close least recently used idle workers while over the memory budget."""
+        while True:
+            idle = [(w.last_used, k, w) for k, e in self._keys.items() for w in e.idle]
+            used = sum(w.spec.limits.memory_mb for _, _, w in idle)
+            if used <= self.memory_budget_mb or not idle:
+                return
+            _, k, w = min(idle, key=lambda t: t[0])
+            self._keys[k].idle.remove(w)
+            self.stats.evicted += 1
+            self._close_later(w)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, max(0.05, self.idle_s / 4)))
+            self.reap()
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        for k, entry in list(self._keys.items()):
+            for w in list(entry.idle):
+                if not w.alive or now - w.last_used > self.idle_s:
+                    entry.idle.remove(w)
+                    if w.alive:
+                        self.stats.evicted += 1
+                    else:
+                        self.stats.replaced += 1
+                    self._close_later(w)
+            if not entry.idle and not entry.busy and self._current.get(_fn(k)) != k:
+                del self._keys[k]
+        self.on_change(self.idle_workers)
+
+    def forget(self, function: str) -> None:
+        """A function was deleted: drop its idle workers."""
+        for k, entry in list(self._keys.items()):
+            if _fn(k) == function:
+                while entry.idle:
+                    self._close_later(entry.idle.pop())
+        self._current.pop(function, None)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for entry in self._keys.values():
+            while entry.idle:
+                self._close_later(entry.idle.pop())
+        if self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+        self.on_change(0)
+
+
+def _fn(key: str) -> str:
+    return key.split("@", 1)[0]

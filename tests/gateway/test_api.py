@@ -1,0 +1,245 @@
+"""The HTTP API over a real app: uploads, invocation, tenants, errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import zipfile
+
+import pytest
+
+from .conftest import Api
+
+HELLO = "def handler(request, ctx):\n    return {'hello': request.query.get('name', 'world')}\n"
+both = pytest.mark.parametrize("api", ["warm", "cold"], indirect=True)
+
+
+@both
+async def test_upload_invoke_rollback_delete(api: Api) -> None:
+    r = await api.deploy("hello", HELLO, public=True)
+    assert r.status_code == 201 and r.json()["version"] == 1
+    r = await api.client.get("/fn/hello?name=ann")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"hello": "ann"}
+    assert r.headers["x-invocation-id"]
+    r = await api.deploy("hello", HELLO.replace("hello", "hi"), public=True)
+    assert r.status_code == 200 and r.json()["version"] == 2
+    assert (await api.client.get("/fn/hello")).json() == {"hi": "world"}
+    r = await api.client.post("/api/v1/functions/hello/rollback", json={"version": 1},
+                              headers=api.auth())
+    assert r.status_code == 200 and r.json()["version"] == 1
+    assert (await api.client.get("/fn/hello")).json() == {"hello": "world"}
+    r = await api.client.get("/api/v1/functions/hello/versions", headers=api.auth())
+    assert [v["version"] for v in r.json()["versions"]] == [1, 2] or [
+        v["version"] for v in r.json()["versions"]] == [2, 1]
+    assert r.json()["active_version"] == 1
+    r = await api.client.delete("/api/v1/functions/hello", headers=api.auth())
+    assert r.status_code == 204
+    r = await api.client.get("/fn/hello")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "function_not_found"
+
+
+async def test_raw_python_and_zip_uploads(api: Api) -> None:
+    r = await api.client.put("/api/v1/functions/raw?public=true", content=HELLO.encode(),
+                             headers={**api.auth(), "Content-Type": "text/x-python"})
+    assert r.status_code == 201, r.text
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("handler.py", "from helper import greet\ndef handler(r, c):\n    return greet()\n")
+        zf.writestr("helper.py", "def greet():\n    return 'from zip'\n")
+    r = await api.client.put("/api/v1/functions/zipped?public=true", content=buf.getvalue(),
+                             headers={**api.auth(), "Content-Type": "application/zip"})
+    assert r.status_code == 201, r.text
+    assert (await api.client.get("/fn/zipped")).text == "from zip"
+    r = await api.client.put("/api/v1/functions/zipped2", headers=api.auth(), json={
+        "archive": base64.b64encode(buf.getvalue()).decode(), "public": True})
+    assert r.status_code == 201, r.text
+    assert (await api.client.get("/fn/zipped2")).text == "from zip"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"source": "def handler(:\n"}, 400, "syntax_error"),
+        ({"source": "def other(r, c):\n    pass\n"}, 400, "missing_handler"),
+        ({"source": HELLO, "timeout_s": 0}, 400, "invalid_timeout"),
+        ({"source": HELLO, "timeout_s": "x"}, 400, "invalid_timeout"),
+        ({"source": HELLO, "memory_mb": 1 << 30}, 400, "invalid_memory"),
+        ({"source": HELLO, "routes": ["FETCH /x"]}, 400, "invalid_routes"),
+        ({"source": HELLO, "routes": "GET /x"}, 400, "invalid_routes"),
+        ({"source": HELLO, "env": {"1BAD": "x"}}, 400, "invalid_env"),
+        ({"source": HELLO, "bogus": 1}, 400, "unknown_field"),
+        ({}, 400, "missing_code"),
+        ({"archive": "not base64!!"}, 400, "bad_zip"),
+        ({"archive": base64.b64encode(b"not a zip").decode()}, 400, "bad_zip"),
+    ],
+)
+async def test_upload_validation_errors(api: Api, body: dict[str, object], status: int,
+                                        code: str) -> None:
+    r = await api.client.put("/api/v1/functions/bad", json=body, headers=api.auth())
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert (await api.client.get("/api/v1/functions/bad", headers=api.auth())).status_code == 404
+
+
+async def test_syntax_error_names_file_line_column(api: Api) -> None:
+    r = await api.client.put("/api/v1/functions/bad", json={"source": "x = 1\ny = (\n"},
+                             headers=api.auth())
+    err = r.json()["error"]
+    assert err["code"] == "syntax_error"
+    assert err["detail"]["file"] == "handler.py" and err["detail"]["line"] == 2
+
+
+async def test_invalid_names_and_media_types(api: Api) -> None:
+    for name in ("Upper", "1abc", "a" * 64, "under_score"):
+        r = await api.client.put(f"/api/v1/functions/{name}", json={"source": HELLO},
+                                 headers=api.auth())
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_name", name
+    r = await api.client.put("/api/v1/functions/x", content=b"<xml/>",
+                             headers={**api.auth(), "Content-Type": "application/xml"})
+    assert r.status_code == 415
+    r = await api.client.put("/api/v1/functions/x", content=b"{not json",
+                             headers={**api.auth(), "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+async def test_upload_size_cap_while_streaming(api: Api) -> None:
+    cap = api.settings.max_upload_bytes * 4 // 3 + 65536
+
+    async def body():  # no Content-Length: chunked
+        for _ in range(cap // 65536 + 2):
+            yield b"#" * 65536
+
+    r = await api.client.put("/api/v1/functions/big", content=body(),
+                             headers={**api.auth(), "Content-Type": "text/x-python"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_auth_required_and_tenant_isolation(api: Api) -> None:
+    r = await api.client.get("/api/v1/functions")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = await api.client.get("/api/v1/functions", headers=api.auth("wrong"))
+    assert r.status_code == 401
+    a, b = await api.tenant("alice"), await api.tenant("bob")
+    await api.deploy("secret", HELLO, key=a)
+    for method, path in [("GET", "/api/v1/functions/secret"), ("DELETE", "/api/v1/functions/secret"),
+                         ("GET", "/api/v1/functions/secret/versions"),
+                         ("GET", "/api/v1/functions/secret/logs"), ("GET", "/fn/secret")]:
+        r = await api.client.request(method, path, headers=api.auth(b))
+        assert r.status_code == 404, (method, path, r.text)
+    r = await api.client.put("/api/v1/functions/secret", json={"source": HELLO}, headers=api.auth(b))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "name_taken"
+    assert [f["name"] for f in (await api.client.get("/api/v1/functions", headers=api.auth(b))).json()["functions"]] == []
+    # private: no key -> 401, owner's key -> 200
+    assert (await api.client.get("/fn/secret")).status_code == 401
+    assert (await api.client.get("/fn/secret", headers=api.auth(a))).status_code == 200
+    r = await api.client.post("/api/v1/tenants", json={"name": "eve"}, headers=api.auth(a))
+    assert r.status_code == 403
+
+
+async def test_declared_routes_and_conflicts(api: Api) -> None:
+    src = ("def handler(request, ctx):\n"
+           "    return {'id': request.path_params.get('id'), 'path': request.path}\n")
+    await api.deploy("users", src, public=True, routes=["GET /users/{id}", "POST /users"])
+    r = await api.client.get("/users/42")
+    assert r.status_code == 200 and r.json() == {"id": "42", "path": "/users/42"}
+    assert "x-invocation-id" in r.headers
+    assert (await api.client.delete("/users/42")).status_code == 404
+    r = await api.client.put("/api/v1/functions/other", headers=api.auth(), json={
+        "source": src, "routes": ["ANY /users/{name}"]})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "route_conflict"
+    r = await api.client.put("/api/v1/functions/other", headers=api.auth(), json={
+        "source": src, "routes": ["GET /api/v1/x"]})
+    assert r.status_code == 400
+    assert (await api.client.get("/nothing/here")).status_code == 404
+
+
+@both
+@pytest.mark.parametrize(
+    ("source", "status", "code"),
+    [
+        ("def handler(r, c):\n    raise ValueError('boom')\n", 500, "error"),
+        ("def handler(r, c):\n    while True: pass\n", 504, "timeout"),
+        ("def handler(r, c):\n    return object()\n", 502, "bad_response"),
+        ("def handler(r, c):\n    return 'x', 99\n", 502, "bad_response"),
+        ("def handler(r, c):\n    return 'x', 200, {'X-Bad': 'a\\r\\nSet-Cookie: x=1'}\n", 502,
+         "bad_response"),
+        ("def handler(r, c):\n    x = bytearray(400 << 20)\n    return 'no'\n", 502, "oom"),
+    ],
+)
+async def test_outcomes_map_to_http(api: Api, source: str, status: int, code: str) -> None:
+    await api.deploy("f", source, public=True, timeout_s=1.0, memory_mb=64)
+    r = await api.client.get("/fn/f")
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code
+    assert err["invocation_id"] == r.headers["x-invocation-id"]
+    assert "Traceback" not in r.text
+    await api.deploy("f", HELLO, public=True)
+    assert (await api.client.get("/fn/f")).status_code == 200
+
+
+async def test_function_cannot_break_http(api: Api) -> None:
+    src = ("def handler(r, c):\n"
+           "    return b'\\x00\\xff binary', 201, {'Content-Length': '999', 'Connection': 'close',"
+           " 'Transfer-Encoding': 'chunked', 'X-Invocation-Id': 'forged', 'X-Ok': 'yes'}\n")
+    await api.deploy("raw", src, public=True)
+    r = await api.client.get("/fn/raw")
+    assert r.status_code == 201
+    assert r.content == b"\x00\xff binary"
+    assert r.headers["x-ok"] == "yes"
+    assert r.headers["content-length"] == str(len(r.content))
+    assert r.headers["x-invocation-id"] != "forged"
+    assert "transfer-encoding" not in r.headers
+
+
+async def test_request_body_cap_is_413(api: Api) -> None:
+    await api.deploy("echo", "def handler(r, c):\n    return r.body\n", public=True)
+    r = await api.client.post("/fn/echo", content=b"x" * (api.settings.max_request_bytes + 1))
+    assert r.status_code == 413
+    assert r.headers["x-invocation-id"]
+    r = await api.client.post("/fn/echo", content=b"\x00\x01binary")
+    assert r.content == b"\x00\x01binary"
+
+
+async def test_invocation_record_and_logs(api: Api) -> None:
+    src = ("import sys, logging\n"
+           "def handler(r, c):\n"
+           "    print('to stdout')\n"
+           "    print('to stderr', file=sys.stderr)\n"
+           "    logging.getLogger('x').warning('via logging')\n"
+           "    c.log.info('structured', user='u1', n=3)\n"
+           "    print('{\"level\": \"debug\", \"message\": \"json line\", \"k\": 1}')\n"
+           "    return 'ok'\n")
+    await api.deploy("logger", src, public=True)
+    r = await api.client.get("/fn/logger")
+    inv = r.headers["x-invocation-id"]
+    r = await api.client.get(f"/api/v1/invocations/{inv}", headers=api.auth())
+    assert r.status_code == 200, r.text
+    rec = r.json()
+    assert rec["outcome"] == "ok" and rec["status"] == 200 and rec["function"] == "logger"
+    assert rec["wall_ms"] > 0 and rec["start"] in ("cold", "warm")
+    by_msg = {line["message"]: line for line in rec["logs"]}
+    assert by_msg["to stdout"]["level"] == "info"
+    assert by_msg["to stderr"]["level"] == "error"
+    assert by_msg["via logging"]["level"] == "warning"
+    assert by_msg["structured"]["fields"] == {"user": "u1", "n": 3}
+    assert by_msg["json line"]["level"] == "debug" and by_msg["json line"]["fields"]["k"] == 1
+    r = await api.client.get("/api/v1/functions/logger/logs?level=warning", headers=api.auth())
+    assert {x["message"] for x in r.json()["logs"]} == {"to stderr", "via logging"}
+    r = await api.client.get("/api/v1/functions/logger/logs?q=structured", headers=api.auth())
+    assert [x["message"] for x in r.json()["logs"]] == ["structured"]
+    r = await api.client.get("/api/v1/invocations?function=logger", headers=api.auth())
+    assert [x["id"] for x in r.json()["invocations"]] == [inv]
+
+
+async def test_healthz_metrics_openapi(api: Api) -> None:
+    r = await api.client.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    await api.deploy("hello", HELLO, public=True)
+    await api.client.get("/fn/hello")
+    text = (await api.client.get("/metrics")).text
+    assert 'nsfaas_invocations_total{function="hello",outcome="ok"} 1.0' in text
+    doc = (await api.client.get("/api/v1/openapi.json")).json()
+    assert doc["openapi"].startswith("3.")
+    assert "/api/v1/functions/{name}" in doc["paths"]

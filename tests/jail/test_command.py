@@ -1,0 +1,236 @@
+"""The nsjail command line jail/ builds, and the base policy nsjail.cfg itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from jail import JailConfig, JailRunner, JailSpec, Limits, build_command
+from jail._interp import Interpreter
+from jail.cgroups import Cgroups
+from jail.command import nsjail_time_limit
+from tests.jailtest import GOOD, Deploy
+
+REPO = Path(__file__).resolve().parents[2]
+CFG = REPO / "nsjail.cfg"
+
+INTERP = Interpreter(
+    exe="/usr/bin/python3.11",
+    version="3.11.7",
+    binds=(
+        ("/usr/bin/python3.11", "/usr/bin/python3"),
+        ("/usr/lib/python3.11", "/usr/lib/python3.11"),
+        ("/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+    ),
+    symlinks=(("usr/lib", "/lib"), ("usr/lib64", "/lib64")),
+    hidden=("/usr/lib/python3.11/site-packages",),
+)
+V1 = Cgroups(version=1, parent="nsfaas", root=Path("/sys/fs/cgroup"))
+CONFIG = JailConfig(
+    nsjail=Path("/opt/nsjail"),
+    base_cfg=Path("/srv/nsjail.cfg"),
+    interpreter=INTERP,
+    runtime_dir=Path("/srv/jail/runtime"),
+    cgroups=V1,
+)
+LIMITS = Limits(timeout_s=2.5, memory_mb=96, pids=10, cpu_ms_per_sec=500, file_size_mb=4,
+                open_files=50, request_bytes=1000)
+SPEC = JailSpec(code_dir=Path("/srv/jail/code/abc"), entrypoint="handler:handler",
+                limits=LIMITS, proxy_dir=Path("/srv/jail/sock/p1"))
+
+GOLDEN = [
+    "/opt/nsjail",
+    "--config", "/srv/nsjail.cfg",
+    "--log_fd", "9",
+    "--time_limit", "5",
+    "--user", "65534:65534:1",
+    "--group", "65534:65534:1",
+    "--rlimit_cpu", "5",
+    "--rlimit_fsize", "4",
+    "--rlimit_nofile", "50",
+    "--cgroup_mem_max", str(96 * 1024 * 1024),
+    "--cgroup_mem_swap_max", "0",
+    "--cgroup_pids_max", "11",
+    "--cgroup_cpu_ms_per_sec", "500",
+    "--cgroup_mem_mount", "/sys/fs/cgroup/memory", "--cgroup_mem_parent", "nsfaas",
+    "--cgroup_pids_mount", "/sys/fs/cgroup/pids", "--cgroup_pids_parent", "nsfaas",
+    "--cgroup_cpu_mount", "/sys/fs/cgroup/cpu", "--cgroup_cpu_parent", "nsfaas",
+    "--bindmount_ro", "/usr/bin/python3.11:/usr/bin/python3",
+    "--bindmount_ro", "/usr/lib/python3.11:/usr/lib/python3.11",
+    "--bindmount_ro",
+    "/usr/lib/x86_64-linux-gnu/libc.so.6:/usr/lib/x86_64-linux-gnu/libc.so.6",
+    "--symlink", "usr/lib:/lib",
+    "--symlink", "usr/lib64:/lib64",
+    "--mount", "none:/usr/lib/python3.11/site-packages:tmpfs:size=4096,nr_inodes=1,mode=0555",
+    "--bindmount_ro", "/srv/jail/runtime:/opt/nsfaas",
+    "--bindmount_ro", "/srv/jail/code/abc:/function",
+    "--bindmount_ro", "/srv/jail/sock/p1:/run/nsfaas",
+    "--pass_fd", "7",
+    "--",
+    "/usr/bin/python3", "-I", "-S", "-B", "/opt/nsfaas/bootstrap.py",
+    "7", "handler:handler", "once", "1000",
+]
+
+
+def _flags(cmd: list[str]) -> list[tuple[str, str]]:
+    """(flag, value) pairs between --config and --."""
+    end = cmd.index("--")
+    pairs = []
+    i = 1
+    while i < end:
+        assert cmd[i].startswith("--"), f"value without a flag at {i}: {cmd[i]!r}"
+        pairs.append((cmd[i], cmd[i + 1]))
+        i += 2
+    return pairs
+
+
+def test_golden_command() -> None:
+    assert build_command(CONFIG, SPEC, ctl_fd=7, log_fd=9) == GOLDEN
+
+
+def test_config_comes_first_so_every_per_jail_flag_overrides_it() -> None:
+    cmd = build_command(CONFIG, SPEC, ctl_fd=7, log_fd=9)
+    assert cmd[0] == "/opt/nsjail"
+    assert cmd[1:3] == ["--config", "/srv/nsjail.cfg"]
+    flags = _flags(cmd)
+    assert [f for f, _ in flags].count("--config") == 1
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "expected"), [(0.1, 3), (1, 3), (2.5, 5), (10, 12), (900, 902)]
+)
+def test_time_limit_is_derived_from_the_one_timeout(timeout_s: float, expected: int) -> None:
+    spec = JailSpec(code_dir=Path("/c"), entrypoint="h:h", limits=Limits(timeout_s=timeout_s))
+    assert nsjail_time_limit(spec) == expected
+    flags = dict(_flags(build_command(CONFIG, spec, ctl_fd=3, log_fd=4)))
+    # Always set, never nsjail's 600 s default, and never 0 (which means no limit).
+    assert flags["--time_limit"] == str(expected)
+    assert int(flags["--time_limit"]) > timeout_s
+
+
+def test_warm_worker_lifetime_and_cpu() -> None:
+    spec = JailSpec(code_dir=Path("/c"), entrypoint="h:h", limits=LIMITS, mode="warm")
+    cmd = build_command(CONFIG, spec, ctl_fd=3, log_fd=4)
+    flags = dict(_flags(cmd))
+    assert flags["--time_limit"] == str(24 * 3600)
+    assert flags["--rlimit_cpu"] == "inf"  # each child lowers its own RLIMIT_CPU
+    assert cmd[-4:] == ["3", "h:h", "warm", str(LIMITS.request_bytes)]
+
+
+def test_every_bind_is_read_only_and_nothing_else_is_mounted_writable() -> None:
+    flags = _flags(build_command(CONFIG, SPEC, ctl_fd=7, log_fd=9))
+    names = {f for f, _ in flags}
+    assert "--bindmount" not in names
+    assert "--bindmount_rw" not in names
+    assert "--tmpfsmount" not in names
+    binds = [v for f, v in flags if f == "--bindmount_ro"]
+    assert len(binds) == len(INTERP.binds) + 3
+    for value in (v for f, v in flags if f == "--mount"):
+        assert ":tmpfs:" in value and "size=" in value and "nr_inodes=" in value
+
+
+def test_cgroup_flags_v1_and_v2() -> None:
+    flags = _flags(build_command(CONFIG, SPEC, ctl_fd=7, log_fd=9))
+    assert ("--cgroup_mem_swap_max", "0") in flags
+    assert not any(f.startswith("--use_cgroupv2") for f, _ in flags)
+    v2 = Cgroups(version=2, parent="nsfaas", root=Path("/sys/fs/cgroup/nsfaas"))
+    cfg2 = JailConfig(nsjail=Path("/n"), base_cfg=Path("/c"), interpreter=INTERP,
+                      runtime_dir=Path("/r"), cgroups=v2)
+    cmd2 = build_command(cfg2, SPEC, ctl_fd=7, log_fd=9)
+    assert "--use_cgroupv2" in cmd2
+    i = cmd2.index("--cgroupv2_mount")
+    assert cmd2[i + 1] == "/sys/fs/cgroup/nsfaas"
+    assert not any(a.startswith("--cgroup_mem_mount") for a in cmd2)
+    assert "--cgroup_mem_max" in cmd2 and "--cgroup_pids_max" in cmd2
+
+
+def test_pass_fd_is_the_control_fd_and_the_argv_is_fixed() -> None:
+    cmd = build_command(CONFIG, SPEC, ctl_fd=11, log_fd=12)
+    assert ("--pass_fd", "11") in _flags(cmd)
+    assert ("--log_fd", "12") in _flags(cmd)
+    tail = cmd[cmd.index("--") + 1 :]
+    assert tail == ["/usr/bin/python3", "-I", "-S", "-B", "/opt/nsfaas/bootstrap.py",
+                    "11", "handler:handler", "once", "1000"]
+
+
+def test_no_proxy_dir_means_no_run_mount() -> None:
+    spec = JailSpec(code_dir=Path("/c"), entrypoint="h:h", limits=LIMITS)
+    cmd = build_command(CONFIG, spec, ctl_fd=3, log_fd=4)
+    assert not any(a.endswith(":/run/nsfaas") for a in cmd)
+
+
+# ---- the real nsjail with the real nsjail.cfg ---------------------------------
+
+
+def _nsjail_log(runner: JailRunner, cfg: Path, deploy: Deploy, program: list[str]
+                ) -> tuple[int, str, str]:
+    """Run ``program`` in a jail built exactly as jail/ builds it, with ``cfg``."""
+    spec = JailSpec(code_dir=deploy(GOOD), entrypoint="handler:handler",
+                    limits=Limits(timeout_s=5))
+    config = JailConfig(
+        nsjail=runner.config.nsjail, base_cfg=cfg, interpreter=runner.config.interpreter,
+        runtime_dir=runner.config.runtime_dir, cgroups=runner.config.cgroups,
+    )
+    log_r, log_w = os.pipe()
+    ctl = os.open("/dev/null", os.O_RDWR)
+    try:
+        cmd = build_command(config, spec, ctl_fd=ctl, log_fd=log_w)
+        cmd = cmd[: cmd.index("--") + 1] + program
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                              pass_fds=(ctl, log_w), check=False)
+        os.close(log_w)
+        log_w = -1
+        with os.fdopen(log_r, "r", errors="replace") as f:
+            log_r = -1
+            log = f.read()
+    finally:
+        for fd in (ctl, log_w, log_r):
+            if fd >= 0:
+                os.close(fd)
+    return proc.returncode, proc.stdout + proc.stderr, log
+
+
+def test_nsjail_cfg_parses_and_runs_a_process(runner: JailRunner, deploy: Deploy) -> None:
+    code, out, log = _nsjail_log(runner, CFG, deploy, [
+        "/usr/bin/python3", "-I", "-S", "-c",
+        "import os, socket; print('jailed', os.getuid(), os.getgid(), socket.gethostname())",
+    ])
+    assert (code, out.strip()) == (0, "jailed 65534 65534 nsfaas"), log
+    assert "[E]" not in log and "[F]" not in log, log
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        (("mode: ONCE", "mode: BOGUS"), "Couldn't parse configuration"),
+        (('"    personality,"', '"    personalityX,"'), "Could not compile policy"),
+    ],
+)
+def test_a_broken_cfg_is_detected(runner: JailRunner, deploy: Deploy, tmp_path: Path,
+                                  broken: tuple[str, str], message: str) -> None:
+    """The control for the test above: nsjail does refuse a bad cfg or seccomp policy."""
+    text = CFG.read_text()
+    assert broken[0] in text
+    bad = tmp_path / "bad.cfg"
+    bad.write_text(text.replace(broken[0], broken[1]))
+    code, out, log = _nsjail_log(runner, bad, deploy, ["/usr/bin/python3", "-c", "print(1)"])
+    assert code == 255
+    assert message in log + out
+
+
+def test_the_cfg_keeps_its_hardening() -> None:
+    """A few lines of the policy the hostile tests rely on, read literally."""
+    text = CFG.read_text()
+    for line in (
+        "mode: ONCE", "clone_newnet: true", "clone_newuser: true", "clone_newpid: true",
+        "clone_newipc: true", "clone_newcgroup: true", "keep_env: false", "keep_caps: false",
+        "disable_no_new_privs: false", "mount_proc: false", "USE nsfaas DEFAULT ALLOW",
+        'ERRNO(38) { clone3 }', "socket { family != AF_UNIX }",
+    ):
+        assert line in text, line
+    assert "is_bind: true" in text
+    binds = [ln for ln in text.splitlines() if "is_bind: true" in ln]
+    assert all(any(d in ln for d in ("/dev/null", "/dev/zero", "/dev/urandom")) for ln in binds)
