@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/bench_logs.py [--lines 1000000] [--functions 100] [--dir PATH]
 
-Lines are spread over the last 24 hours in time order, 10 functions per tenant, with a
-vocabulary where "kraken" is rare (~1 line in 10,000) and "timeout" common (~1 in 50).
+Lines are spread over the last 24 hours, stored up to 30 s late (out of time order, as
+when an invocation's lines are stored at its end), 10 functions per tenant, with a
+vocabulary where "kraken" is rare (~1 line in 10,000), "timeout" common (~1 in 50) and
+"user" in every line.
 Each query is the first page (100 lines) through the public `Store` API, median of 5 runs.
 """
 
@@ -54,7 +56,8 @@ async def fill(store: Store, lines: int, functions: int) -> tuple[list[str], flo
             fn = i % functions
             batch.append(
                 NewLogLine(
-                    ts=start + i * step,
+                    # Stored up to 30 s after it was logged, as when an invocation ends.
+                    ts=start + i * step - rng.uniform(0, 30),
                     invocation_id=f"inv{i // 20}",
                     tenant_id=tenants[fn // 10],
                     function=f"fn{fn % 10}",
@@ -107,6 +110,12 @@ async def main() -> None:
                 tenant_id=t, function="fn5", q="kraken")),
             ("function, q two words", lambda: store.query_logs(
                 tenant_id=t, function="fn5", q="payment retry")),
+            ("function, q every line (user)", lambda: store.query_logs(
+                tenant_id=t, function="fn5", q="user")),
+            ("function, q prefix (us*)", lambda: store.query_logs(
+                tenant_id=t, function="fn5", q="us*")),
+            ("function, q punctuation (=)", lambda: store.query_logs(
+                tenant_id=t, function="fn5", q="=")),
             ("function, q + 1 h window", lambda: store.query_logs(
                 tenant_id=t, function="fn5", q="timeout", since=now - 13 * 3600,
                 until=now - 12 * 3600)),
@@ -117,6 +126,9 @@ async def main() -> None:
             ("all, newest", lambda: store.query_logs()),
             ("all, q rare", lambda: store.query_logs(q="kraken")),
             ("all, q common", lambda: store.query_logs(q="timeout")),
+            ("all, q every line (user)", lambda: store.query_logs(q="user")),
+            ("all, q rare + 1 h window", lambda: store.query_logs(
+                q="kraken", since=now - 13 * 3600, until=now - 12 * 3600)),
             ("all, level >= critical", lambda: store.query_logs(level_min="critical")),
             ("invocation id", lambda: store.query_logs(invocation_id=f"inv{args.lines // 40}")),
             ("live tail, last ~100 lines", lambda: store.logs_after(

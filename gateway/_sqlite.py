@@ -48,7 +48,7 @@ _STALE_TEMP_S = 3600.0  # temp blob files older than this are left over from a c
 class SqliteStore(Store):
     """`Store` on SQLite in `data_dir/nsfaas.db`, blobs under `data_dir/blobs/`."""
 
-    def __init__(self, data_dir: Path, *, readers: int = 2) -> None:
+    def __init__(self, data_dir: Path, *, readers: int = 2, fts: bool = True) -> None:
         self._data_dir = Path(data_dir)
         self._db_path = self._data_dir / "nsfaas.db"
         self._blob_dir = self._data_dir / "blobs"
@@ -60,6 +60,7 @@ class SqliteStore(Store):
         self._read_local = threading.local()
         self._read_lock = threading.Lock()
         self._scopes: dict[tuple[str, str], int] = {}  # writer thread only
+        self._want_fts = fts  # False: search by substring scan even if FTS5 is there
         self._fts = False
 
     @property
@@ -90,7 +91,7 @@ class SqliteStore(Store):
         conn = connect(self._db_path, readonly=False)
         try:
             migrate(conn)
-            self._fts = setup_fts(conn)
+            self._fts = setup_fts(conn) if self._want_fts else False
         except BaseException:
             conn.close()
             raise

@@ -23,7 +23,7 @@ from gateway._sqlite_schema import decode_cursor, encode_cursor
 from gateway.store import LOG_LEVELS, LogLine, NewLogLine
 
 _MAX_SCOPE_TOKENS = 64  # above this many functions, filter rows instead of the FTS match
-_MARK_SPAN = 1024  # lines per log_marks row
+_MARK_SPAN = 256  # ids per log_marks row: finer marks stop a search sooner
 _LEVEL_NAMES = {number: name for name, number in LOG_LEVELS.items()}
 _LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
 _WORD = re.compile(r"\w")

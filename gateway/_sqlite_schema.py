@@ -129,8 +129,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX logs_scope_id ON logs (scope_id, id)",  # live tail
         "CREATE INDEX logs_ts ON logs (ts)",  # all functions; age retention
         "CREATE INDEX logs_invocation ON logs (invocation_id, ts) WHERE invocation_id IS NOT NULL",
-        # Marks of the form "every line with id <= last_id has ts <= max_ts", about one per
-        # thousand lines. Lines arrive roughly in time order but not exactly (an invocation's
+        # Marks of the form "every line with id <= last_id has ts <= max_ts", one per few
+        # hundred ids (first_id..last_id). Lines arrive roughly in time order but not exactly (an invocation's
         # lines are stored when it ends), so a text search that walks matches newest id first
         # uses them to know when no older id can still hold a newer line.
         """CREATE TABLE log_marks (

@@ -35,6 +35,7 @@ from .invoke import Call, Invoker, new_invocation_id, to_http
 from .logbus import LogBus
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
+from .proxy_api import ProxyService
 from .routes_table import RouteTable
 from .scheduler import Scheduler
 from .store import FunctionVersion, NotFound, Store, Tenant, open_store
@@ -64,6 +65,7 @@ class Gateway:
         self.default_tenant = Tenant("", DEFAULT_TENANT, 0.0)
         self.routes = RouteTable([])
         self.invoker: Invoker | None = None
+        self.proxy: ProxyService | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def auth(self, request: Request) -> Principal:
@@ -99,6 +101,9 @@ class Gateway:
             self.runner = None
             self.unavailable = str(exc)
             log.error("jails_unavailable", reason=str(exc))
+        self.proxy = ProxyService(self)
+        if self.runner is not None:
+            self.runner.proxy_handler = self.proxy.handle
         if self.runner is not None and s.warm:
             self.pool = WarmPool(
                 self.runner.config,
@@ -106,6 +111,7 @@ class Gateway:
                 idle_s=s.warm_idle_s,
                 memory_budget_mb=s.warm_memory_budget_mb,
                 on_change=lambda n: self.metrics.warm_workers.set(n),
+                proxy_handler=self.proxy.handle,
             )
             self.pool.start()
         self.invoker = Invoker(
@@ -143,6 +149,8 @@ class Gateway:
         self.logbus.close()
         if self.pool is not None:
             await self.pool.aclose()
+        if self.proxy is not None:
+            await self.proxy.aclose()
         await self.store.aclose()
 
 

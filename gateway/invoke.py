@@ -181,6 +181,8 @@ class Invoker:
                     path_params=call.path_params,
                     body=call.body,
                     env=dict(fv.config.env),
+                    egress_allow=fv.config.egress_allow,
+                    depth=call.depth,
                 )
                 if self.pool is not None:
                     return await self.pool.run(f"{key}@{fv.version}:{fv.digest}", spec, inv)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from .command import JailConfig, JailSpec
 from .errors import WorkerError
+from .proxy import ProxyHandler
 from .result import Ending, JailResult, decide
 from .worker import Invocation, Worker
 
@@ -51,8 +52,10 @@ class WarmPool:
         idle_s: float = 120.0,
         memory_budget_mb: int = 2048,
         on_change: Callable[[int], None] = lambda n: None,
+        proxy_handler: ProxyHandler | None = None,
     ) -> None:
         self.config = config
+        self.proxy_handler = proxy_handler
         self.max_idle_per_key = max_idle_per_key
         self.idle_s = idle_s
         self.memory_budget_mb = memory_budget_mb
@@ -89,7 +92,7 @@ class WarmPool:
         try:
             if worker is None:
                 kind = "cold"
-                worker = Worker(self.config, spec)
+                worker = Worker(self.config, spec, proxy_handler=self.proxy_handler)
                 self.stats.started += 1
                 try:
                     async with asyncio.timeout(spec.limits.timeout_s):

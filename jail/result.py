@@ -204,6 +204,8 @@ def decide(end: Ending) -> dict[str, Any]:
 
 def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:
     try:
+        if len(raw) < _frames.PREFIX.size:
+            raise _frames.FrameError("truncated result frame")
         hlen, blen = _frames.PREFIX.unpack_from(raw)
         if len(raw) != _frames.PREFIX.size + hlen + blen:
             raise _frames.FrameError("truncated result frame")

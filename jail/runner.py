@@ -17,6 +17,7 @@ from . import _interp, cgroups
 from .command import JailConfig, JailSpec
 from .errors import JailError, JailUnavailable, WorkerError
 from .limits import Limits
+from .proxy import ProxyHandler
 from .result import Ending, JailResult, decide
 from .worker import Invocation, Worker
 
@@ -102,6 +103,8 @@ class JailRunner:
     def __init__(self, config: JailConfig, jail_dir: Path) -> None:
         self.config = config
         self.jail_dir = jail_dir
+        # Set by the gateway: serves each jail's host-proxy socket. None: no socket.
+        self.proxy_handler: ProxyHandler | None = None
 
     @classmethod
     def create(
@@ -158,7 +161,7 @@ class JailRunner:
         """The cold path: a fresh jail for one invocation."""
         spec = replace(spec, mode="once")
         t0 = time.monotonic()
-        worker = Worker(self.config, spec)
+        worker = Worker(self.config, spec, proxy_handler=self.proxy_handler)
         try:
             async with asyncio.timeout(spec.limits.timeout_s):
                 await worker.start()

@@ -13,12 +13,13 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import cgroups as cg
 from .command import JailConfig, JailSpec, build_command
 from .errors import WorkerError
+from .proxy import CallContext, HostProxy, ProxyHandler
 from .result import Ending, JailResult, LogEntry, decide, log_entry
 from .runtime import _frames
 
@@ -41,6 +42,8 @@ class Invocation:
     path_params: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     env: dict[str, str] = field(default_factory=dict)
+    egress_allow: tuple[str, ...] = ()
+    depth: int = 0  # nesting of ctx.invoke calls
 
     def frame_header(self, spec: JailSpec) -> dict[str, Any]:
         return {
@@ -89,9 +92,14 @@ class _Collector:
 class Worker:
     """Owns one nsjail process. Use ``start()``, ``invoke()``, ``aclose()``."""
 
-    def __init__(self, config: JailConfig, spec: JailSpec) -> None:
+    def __init__(
+        self, config: JailConfig, spec: JailSpec, *, proxy_handler: ProxyHandler | None = None
+    ) -> None:
         self.config = config
         self.spec = spec
+        self.proxy: HostProxy | None = None
+        if proxy_handler is not None:
+            self.proxy = HostProxy(config.runtime_dir.parent / "sock", proxy_handler)
         self.proc: asyncio.subprocess.Process | None = None
         self.jail_pid: int | None = None
         self.ready = False
@@ -127,6 +135,12 @@ class Worker:
         worker is closed and WorkerError raised (load errors are not failures:
         they are reported by ``invoke`` as the ``error`` outcome).
         """
+        if self.proxy is not None:
+            try:
+                await self.proxy.start()
+            except OSError as exc:
+                raise WorkerError(f"cannot create the proxy socket: {exc}") from None
+            self.spec = replace(self.spec, proxy_dir=self.proxy.dir)
         host, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_r, log_w = os.pipe()
         try:
@@ -185,8 +199,24 @@ class Worker:
         if self.load_error is not None:
             end.load_error = self.load_error
             await self.aclose()
+            # The traceback may still have been in the pipe above; aclose drained it.
+            for entry in self._own.lines:
+                logs.add(entry.stream, entry.message)
+            self._own = _Collector(lim.log_bytes, lim.log_lines)
             return self._result(end, logs, t0, start)
         before = self._counters()
+        if self.proxy is not None:
+            self.proxy.begin(
+                CallContext(
+                    invocation_id=inv.invocation_id,
+                    tenant=inv.tenant,
+                    function=inv.function,
+                    version=inv.version,
+                    egress_allow=inv.egress_allow,
+                    depth=inv.depth,
+                    deadline=t0 + lim.timeout_s,
+                )
+            )
         try:
             async with asyncio.timeout(lim.timeout_s):
                 assert self._writer is not None
@@ -212,6 +242,9 @@ class Worker:
             end.timed_out = True
         except (WorkerError, ConnectionError):
             pass  # the runtime died or broke the protocol: decided below
+        finally:
+            if self.proxy is not None:
+                self.proxy.end()
         after = self._counters()
         end.oom_kills = after["oom_kill"] - before["oom_kill"]
         end.pids_hits = after["pids_max"] - before["pids_max"]
@@ -336,3 +369,5 @@ class Worker:
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
+        if self.proxy is not None:
+            await self.proxy.aclose()

@@ -282,6 +282,35 @@ def _wipe_tmp(path: str = "/tmp") -> None:
             pass
 
 
+def _wipe_ipc() -> None:
+    """Between warm invocations, remove the SysV shared memory, message queues
+    and semaphores an invocation made: the warm jail's IPC namespace outlives
+    each invocation, so they would otherwise be seen by the next one."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError):
+        return
+    buf = ctypes.create_string_buffer(512)
+    ipc_rmid = 0
+    # (name, *_INFO, *_STAT_ANY, *_STAT); semctl takes a semnum before the command
+    for name, info, stat_any, stat in (
+        ("shmctl", 14, 15, 13),
+        ("msgctl", 12, 13, 11),
+        ("semctl", 19, 20, 18),
+    ):
+        ctl = getattr(libc, name)
+        pre = (0,) if name == "semctl" else ()
+        highest = int(ctl(0, *pre, info, buf))  # the highest index in use, -1 on error
+        for index in range(highest + 1):
+            ident = int(ctl(index, *pre, stat_any, buf))
+            if ident < 0:
+                ident = int(ctl(index, *pre, stat, buf))
+            if ident >= 0:
+                ctl(ident, *pre, ipc_rmid, None)
+
+
 def main(argv: list[str]) -> int:
     ctl = int(argv[1])
     entrypoint = argv[2]
@@ -313,6 +342,7 @@ def main(argv: list[str]) -> int:
             serve_one(fn, header, body, ctl)
             if not once:
                 _wipe_tmp()
+                _wipe_ipc()
         elif op == "exit":
             return 0
 

@@ -43,6 +43,8 @@ def make_settings(data_dir: Path, **kw: object) -> Settings:
     base: dict[str, object] = {
         "data_dir": data_dir, "admin_key": ADMIN, "default_timeout_s": 5.0,
         "warm_idle_s": 30.0,
+        "queue_size": 256,
+        "queue_timeout_s": 60.0,
     }
     base.update(kw)
     return Settings(**base)  # type: ignore[arg-type]

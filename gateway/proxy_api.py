@@ -1,0 +1,279 @@
+"""What the host proxy serves: KV, logs, allow-listed egress, calling other functions.
+
+Everything is scoped by the CallContext the jail layer attaches to the socket,
+never by what the function sends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from jail.proxy import CallContext, ProxyCallError
+
+from .store import LOG_LEVELS, Conflict, NewLogLine, NotFound, QuotaExceeded
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+MAX_KEY_BYTES = 512
+MAX_VALUE_BYTES = 1024 * 1024
+MAX_LIST = 1000
+MAX_FETCH_BYTES = 1024 * 1024
+MAX_REDIRECTS = 5
+BYTES_MARK = b"\x00b"  # values stored as raw bytes; anything else is JSON text
+
+
+def encode_value(value: bytes, *, is_json: bool) -> bytes:
+    if is_json:
+        try:
+            json.loads(value)
+        except ValueError:
+            raise ProxyCallError("invalid_value", "value is not valid JSON") from None
+        return value
+    return BYTES_MARK + value
+
+
+def decode_value(stored: bytes) -> tuple[bytes, bool]:
+    """(payload, is_json)."""
+    if stored.startswith(BYTES_MARK):
+        return stored[len(BYTES_MARK) :], False
+    return stored, True
+
+
+def check_key(key: Any) -> str:
+    if not isinstance(key, str) or not key:
+        raise ProxyCallError("invalid_key", "a key is a non-empty string")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ProxyCallError("invalid_key", "a key must be valid unicode") from None
+    if size > MAX_KEY_BYTES:
+        raise ProxyCallError("invalid_key", f"a key is at most {MAX_KEY_BYTES} bytes")
+    return key
+
+
+def host_allowed(url: str, allow: tuple[str, ...]) -> bool:
+    """Exact host (optionally host:port) or a ``*.domain`` suffix; default port only."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    host = parts.hostname.lower().rstrip(".")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    for rule in allow:
+        name, _, rport = rule.partition(":")
+        if rport and int(rport) != port:
+            continue
+        if not rport and port not in (80, 443):
+            continue
+        if name.startswith("*."):
+            if host.endswith(name[1:]) and host != name[2:]:
+                return True
+        elif host == name:
+            return True
+    return False
+
+
+class ProxyService:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def handle(
+        self, ctx: CallContext, method: str, params: dict[str, Any], body: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        store = self.gw.store
+        s = self.gw.settings
+        try:
+            if method == "kv.get":
+                stored = await store.kv_get(ctx.tenant, check_key(params.get("key")))
+                if stored is None:
+                    return {"found": False}, b""
+                payload, is_json = decode_value(stored)
+                return {"found": True, "json": is_json}, payload
+            if method == "kv.put":
+                key = check_key(params.get("key"))
+                if len(body) > MAX_VALUE_BYTES:
+                    raise ProxyCallError(
+                        "kv_value_too_large", f"values are at most {MAX_VALUE_BYTES} bytes"
+                    )
+                value = encode_value(body, is_json=bool(params.get("json")))
+                await store.kv_put(
+                    ctx.tenant, key, value, max_bytes=s.kv_max_bytes, max_keys=s.kv_max_keys
+                )
+                return {}, b""
+            if method == "kv.delete":
+                return {
+                    "deleted": await store.kv_delete(ctx.tenant, check_key(params.get("key")))
+                }, b""
+            if method == "kv.list":
+                prefix = params.get("prefix", "")
+                limit = params.get("limit", 100)
+                if not isinstance(prefix, str) or len(prefix.encode()) > MAX_KEY_BYTES:
+                    raise ProxyCallError(
+                        "invalid_key", "prefix must be a string of at most 512 bytes"
+                    )
+                if (
+                    isinstance(limit, bool)
+                    or not isinstance(limit, int)
+                    or not 1 <= limit <= MAX_LIST
+                ):
+                    raise ProxyCallError("bad_request", f"limit must be in [1, {MAX_LIST}]")
+                keys = await store.kv_list(ctx.tenant, prefix, limit, None)
+                return {"keys": keys}, b""
+            if method == "kv.incr":
+                delta = params.get("delta", 1)
+                if isinstance(delta, bool) or not isinstance(delta, int) or abs(delta) > 1 << 53:
+                    raise ProxyCallError("bad_request", "delta must be an integer")
+                count = await store.kv_incr(
+                    ctx.tenant,
+                    check_key(params.get("key")),
+                    delta,
+                    max_bytes=s.kv_max_bytes,
+                    max_keys=s.kv_max_keys,
+                )
+                return {"value": count}, b""
+            if method == "log":
+                return await self._log(ctx, params)
+            if method == "http.fetch":
+                return await self._fetch(ctx, params, body)
+            if method == "invoke":
+                return await self._invoke(ctx, params, body)
+        except QuotaExceeded as exc:
+            raise ProxyCallError("kv_quota_exceeded", exc.message) from None
+        except Conflict as exc:
+            raise ProxyCallError(exc.code, exc.message) from None
+        raise ProxyCallError("unknown_method", f"unknown method {method[:64]!r}")
+
+    async def _log(self, ctx: CallContext, params: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        level = params.get("level", "info")
+        message = params.get("message", "")
+        fields = params.get("fields", {})
+        if level not in LOG_LEVELS or not isinstance(message, str) or not isinstance(fields, dict):
+            raise ProxyCallError("bad_request", "log needs level, message and fields")
+        await self.gw.store.append_logs(
+            [
+                NewLogLine(
+                    ts=time.time(),
+                    invocation_id=ctx.invocation_id,
+                    tenant_id=ctx.tenant,
+                    function=ctx.function,
+                    level=level,
+                    message=message[:16384],
+                    fields=fields,
+                )
+            ]
+        )
+        self.gw.logbus.notify()
+        return {}, b""
+
+    async def _fetch(
+        self, ctx: CallContext, params: dict[str, Any], body: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        method = str(params.get("method", "GET")).upper()
+        url = params.get("url")
+        headers = params.get("headers") or {}
+        timeout = params.get("timeout", 10.0)
+        if method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+            raise ProxyCallError("bad_request", "unsupported method")
+        if not isinstance(url, str) or not isinstance(headers, dict):
+            raise ProxyCallError("bad_request", "url must be a string, headers an object")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ProxyCallError("bad_request", "timeout must be a positive number")
+        remaining = max(0.1, ctx.deadline - time.monotonic()) if ctx.deadline else 10.0
+        timeout = min(float(timeout), remaining, 30.0)
+        clean = {
+            str(k): str(v)
+            for k, v in headers.items()
+            if str(k).lower() not in ("host", "content-length", "transfer-encoding", "connection")
+        }
+        for _ in range(MAX_REDIRECTS + 1):
+            if not host_allowed(url, ctx.egress_allow):
+                raise ProxyCallError(
+                    "egress_denied", f"egress to {urlsplit(url).netloc[:200]!r} is not allowed"
+                )
+            try:
+                req = self.client.build_request(
+                    method,
+                    url,
+                    headers=clean,
+                    content=body or None,
+                    timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+                )
+                resp = await self.client.send(req, stream=True)
+            except (httpx.HTTPError, ValueError) as exc:
+                raise ProxyCallError(
+                    "egress_failed", f"{type(exc).__name__}: {exc}"[:500]
+                ) from None
+            try:
+                if resp.is_redirect and "location" in resp.headers:
+                    url = urljoin(url, resp.headers["location"])
+                    if resp.status_code in (301, 302, 303):
+                        method, body = ("GET" if method != "HEAD" else "HEAD"), b""
+                    continue
+                data = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    data += chunk
+                    if len(data) > MAX_FETCH_BYTES:
+                        raise ProxyCallError(
+                            "egress_response_too_large",
+                            f"responses are capped at {MAX_FETCH_BYTES} bytes",
+                        )
+                return {
+                    "status": resp.status_code,
+                    "headers": {k: v for k, v in resp.headers.items()},
+                }, bytes(data)
+            except httpx.HTTPError as exc:
+                raise ProxyCallError(
+                    "egress_failed", f"{type(exc).__name__}: {exc}"[:500]
+                ) from None
+            finally:
+                await resp.aclose()
+        raise ProxyCallError("egress_failed", "too many redirects")
+
+    async def _invoke(
+        self, ctx: CallContext, params: dict[str, Any], body: bytes
+    ) -> tuple[dict[str, Any], bytes]:
+        from .invoke import Call
+
+        name = params.get("name")
+        if not isinstance(name, str):
+            raise ProxyCallError("bad_request", "name must be a string")
+        if ctx.depth + 1 > self.gw.settings.invoke_depth:
+            raise ProxyCallError(
+                "invoke_depth", f"nested invocations are limited to {self.gw.settings.invoke_depth}"
+            )
+        try:
+            fv = await self.gw.store.get_version(ctx.tenant, name, None)
+        except NotFound:
+            raise ProxyCallError("function_not_found", f"no function named {name[:64]!r}") from None
+        assert self.gw.invoker is not None
+        call = Call(
+            method="POST",
+            path="/",
+            query_string="",
+            headers=(("content-type", "application/json"),),
+            body=body,
+            path_params={},
+            trigger="invoke",
+            depth=ctx.depth + 1,
+        )
+        result, inv_id = await self.gw.invoker.invoke(fv, call)
+        if result.outcome != "ok":
+            raise ProxyCallError("invoke_failed", f"{name} ended with {result.outcome} ({inv_id})")
+        ctype = dict((k.lower(), v) for k, v in result.headers).get("content-type", "")
+        return {
+            "status": result.status,
+            "json": ctype.startswith("application/json"),
+            "invocation_id": inv_id,
+        }, result.body

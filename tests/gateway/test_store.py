@@ -1,0 +1,776 @@
+"""The embedded store against real SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway._sqlite import SqliteStore
+from gateway.store import (
+    Conflict,
+    FunctionConfig,
+    InvocationRecord,
+    LogLine,
+    NewLogLine,
+    NotFound,
+    QuotaExceeded,
+    StoreError,
+    open_store,
+    parse_route,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+BIG = 10**9  # a quota that never binds
+
+
+def config(*routes: str, timeout_s: float = 5.0) -> FunctionConfig:
+    return FunctionConfig(
+        routes=routes,
+        timeout_s=timeout_s,
+        memory_mb=128,
+        env=(("GREETING", "hi"),),
+        public=False,
+        egress_allow=("api.example.com",),
+        entrypoint="handler:handler",
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async with SqliteStore(tmp_path / "data") as s:
+        yield s
+
+
+@pytest.fixture(params=[True, False], ids=["fts", "substring"])
+async def log_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async with SqliteStore(tmp_path / "data", fts=request.param) as s:
+        assert s.fts is request.param
+        yield s
+
+
+async def deploy(
+    store: SqliteStore, tenant: str, name: str, *routes: str, code: bytes = b"x"
+) -> int:
+    digest = await store.put_blob(code)
+    fv, _ = await store.put_function(tenant, name, digest, len(code), config(*routes))
+    return fv.version
+
+
+async def route_set(store: SqliteStore) -> set[tuple[str, str, str]]:
+    return {(r.method, r.path, r.name) for r in await store.all_routes()}
+
+
+# -- lifecycle ----------------------------------------------------------------------------
+
+
+async def test_reopen_keeps_data_and_records_schema_version(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as s:
+        tenant, key = await s.create_tenant("acme")
+    async with open_store(tmp_path) as s:
+        assert await s.tenant_for_key(key) == tenant
+    with sqlite3.connect(tmp_path / "nsfaas.db") as db:
+        assert db.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] >= 1
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path)
+    await s.open()
+    with pytest.raises(StoreError) as exc:
+        await s.open()
+    assert exc.value.code == "store_open"
+    await s.aclose()
+    await s.aclose()  # idempotent
+    with pytest.raises(StoreError) as exc:
+        await s.list_tenants()
+    assert exc.value.code == "store_closed"
+
+
+# -- blobs --------------------------------------------------------------------------------
+
+
+async def test_blob_round_trip_is_content_addressed_and_idempotent(store: SqliteStore) -> None:
+    data = os.urandom(100_000)
+    digest = await store.put_blob(data)
+    assert digest == hashlib.sha256(data).hexdigest()
+    path = store.blob_path(digest)
+    assert path.parent.name == digest[:2] and path.name == digest
+    assert await store.put_blob(data) == digest
+    assert await store.read_blob(digest) == data
+    assert [p.name for p in path.parent.iterdir()] == [digest]  # no temp files left
+    assert path.stat().st_mode & 0o777 == 0o444
+
+
+async def test_blob_errors(store: SqliteStore) -> None:
+    with pytest.raises(NotFound):
+        await store.read_blob("0" * 64)
+    with pytest.raises(ValueError, match="digest"):
+        store.blob_path("../../etc/passwd")
+    digest = await store.put_blob(b"original")
+    path = store.blob_path(digest)
+    path.chmod(0o644)
+    path.write_bytes(b"tampered")
+    with pytest.raises(StoreError) as exc:
+        await store.read_blob(digest)
+    assert exc.value.code == "blob_corrupt"
+
+
+# -- tenants ------------------------------------------------------------------------------
+
+
+async def test_tenant_key_is_stored_only_as_its_hash(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as s:
+        tenant, key = await s.create_tenant("acme")
+        assert key.startswith("nsf_") and len(key) > 40
+        assert await s.tenant_for_key(key) == tenant
+        assert await s.tenant_for_key(key + "x") is None
+        assert await s.tenant_for_key("") is None
+        assert await s.get_tenant(tenant.id) == tenant
+        assert await s.list_tenants() == [tenant]
+        with pytest.raises(Conflict) as exc:
+            await s.create_tenant("acme")
+        assert exc.value.code == "tenant_exists"
+        with pytest.raises(NotFound):
+            await s.get_tenant("t_nope")
+        on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("nsfaas.db*"))
+        assert key.encode() not in on_disk
+        assert key.encode()[4:] not in on_disk
+    with sqlite3.connect(tmp_path / "nsfaas.db") as db:
+        rows = db.execute("SELECT * FROM tenants").fetchall()
+    assert not any(key in str(v) or key[4:] in str(v) for v in rows[0])
+    assert hashlib.sha256(key.encode()).hexdigest() in rows[0]
+
+
+# -- functions, versions, routes ----------------------------------------------------------
+
+
+async def test_versions_increment_and_are_never_reused(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("acme")
+    digest = await store.put_blob(b"v1")
+    fv, created = await store.put_function(t.id, "f", digest, 2, config())
+    assert (fv.version, created) == (1, True)
+    assert [await deploy(store, t.id, "f") for _ in range(2)] == [2, 3]
+    await store.rollback(t.id, "f", 1)
+    assert await deploy(store, t.id, "f") == 4
+    info = await store.get_function(t.id, "f")
+    assert (info.active_version, info.latest_version) == (4, 4)
+    assert [v.version for v in await store.list_versions(t.id, "f")] == [1, 2, 3, 4]
+    await store.delete_function(t.id, "f")
+    fv, created = await store.put_function(t.id, "f", digest, 2, config())
+    assert (fv.version, created) == (5, True)  # even a deleted function's numbers stay used
+
+
+async def test_version_keeps_digest_size_and_config(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("acme")
+    digest = await store.put_blob(b"code")
+    cfg = config("GET /a/{x}", timeout_s=2.5)
+    await store.put_function(t.id, "f", digest, 4, cfg)
+    fv = await store.get_version(t.id, "f")
+    assert (fv.digest, fv.size, fv.config, fv.version) == (digest, 4, cfg, 1)
+    assert FunctionConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="memory_mb"):
+        FunctionConfig.from_json({**cfg.to_json(), "memory_mb": "big"})
+    with pytest.raises(NotFound) as exc:
+        await store.get_version(t.id, "f", 9)
+    assert exc.value.code == "version_not_found"
+
+
+async def test_rollback_changes_active_version_and_routes(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("acme")
+    await deploy(store, t.id, "f", "GET /a")
+    await deploy(store, t.id, "f", "GET /b", "POST /b")
+    assert await route_set(store) == {("GET", "/b", "f"), ("POST", "/b", "f")}
+    fv = await store.rollback(t.id, "f", 1)
+    assert fv.version == 1
+    assert (await store.get_function(t.id, "f")).active_version == 1
+    assert (await store.get_version(t.id, "f", None)).version == 1
+    assert await route_set(store) == {("GET", "/a", "f")}
+    with pytest.raises(NotFound):
+        await store.rollback(t.id, "f", 7)
+
+
+@pytest.mark.parametrize(
+    ("taken", "wanted"),
+    [
+        ("GET /users/{id}", "GET /users/{name}"),
+        ("ANY /hook", "POST /hook"),
+        ("GET /hook", "ANY /hook"),
+        ("GET /files/{p:path}", "GET /files/{rest}"),
+        ("get /same", "GET /same"),
+    ],
+)
+async def test_route_conflict_writes_nothing(store: SqliteStore, taken: str, wanted: str) -> None:
+    a, _ = await store.create_tenant("a")
+    b, _ = await store.create_tenant("b")
+    await deploy(store, a.id, "owner", taken)
+    await deploy(store, b.id, "other", "GET /free")
+    before = await route_set(store)
+    for tenant, name in ((b.id, "other"), (b.id, "newfn"), (a.id, "sibling")):
+        with pytest.raises(Conflict) as exc:
+            await deploy(store, tenant, name, "GET /fine", wanted)
+        assert exc.value.code == "route_conflict"
+        assert "taken" in exc.value.message
+        assert ("'owner'" in exc.value.message) is (tenant == a.id)  # named to its tenant only
+    assert await route_set(store) == before
+    info = await store.get_function(b.id, "other")
+    assert (info.active_version, info.latest_version) == (1, 1)
+    with pytest.raises(NotFound):
+        await store.get_function(b.id, "newfn")
+    assert await deploy(store, b.id, "other") == 2  # the refused put used no number
+
+
+@pytest.mark.parametrize(
+    ("taken", "wanted"),
+    [("GET /x", "POST /x"), ("GET /users/{id}", "GET /users/me"), ("GET /a/{x}", "GET /a/{x}/b")],
+)
+async def test_routes_that_do_not_collide(store: SqliteStore, taken: str, wanted: str) -> None:
+    t, _ = await store.create_tenant("acme")
+    await deploy(store, t.id, "f", taken)
+    await deploy(store, t.id, "g", wanted)
+    assert len(await store.all_routes()) == 2
+
+
+async def test_function_may_redeclare_its_own_routes(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("acme")
+    await deploy(store, t.id, "f", "GET /a/{x}", "ANY /hook")
+    await deploy(store, t.id, "f", "GET /a/{y}", "POST /hook", "GET /a/{z}")
+    assert await route_set(store) == {
+        ("GET", "/a/{y}", "f"),
+        ("GET", "/a/{z}", "f"),
+        ("POST", "/hook", "f"),
+    }
+
+
+async def test_rollback_refuses_routes_taken_since(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("acme")
+    await deploy(store, t.id, "f", "GET /a")
+    await deploy(store, t.id, "f", "GET /b")
+    await deploy(store, t.id, "g", "ANY /a")
+    with pytest.raises(Conflict):
+        await store.rollback(t.id, "f", 1)
+    assert (await store.get_function(t.id, "f")).active_version == 2
+    assert ("GET", "/b", "f") in await route_set(store)
+
+
+async def test_delete_removes_function_versions_and_routes_but_not_kv(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("acme")
+    await deploy(store, t.id, "f", "GET /a")
+    await deploy(store, t.id, "keep", "GET /k")
+    await store.kv_put(t.id, "k", b"v", max_bytes=BIG, max_keys=BIG)
+    await store.delete_function(t.id, "f")
+    with pytest.raises(NotFound):
+        await store.get_function(t.id, "f")
+    with pytest.raises(NotFound):
+        await store.list_versions(t.id, "f")
+    with pytest.raises(NotFound):
+        await store.delete_function(t.id, "f")
+    assert await route_set(store) == {("GET", "/k", "keep")}
+    assert [f.name for f in await store.list_functions(t.id)] == ["keep"]
+    assert await store.kv_get(t.id, "k") == b"v"
+    await deploy(store, t.id, "g", "GET /a")  # the route is free again
+
+
+async def test_put_function_needs_tenant_blob_and_valid_routes(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("acme")
+    digest = await store.put_blob(b"x")
+    with pytest.raises(NotFound):
+        await store.put_function("t_missing", "f", digest, 1, config())
+    with pytest.raises(NotFound):
+        await store.put_function(t.id, "f", "a" * 64, 1, config())
+    with pytest.raises(ValueError, match="reserved"):
+        await store.put_function(t.id, "f", digest, 1, config("GET /api/v1/x"))
+    assert await store.list_functions(None) == []
+
+
+async def test_list_functions_per_tenant_and_all(store: SqliteStore) -> None:
+    a, _ = await store.create_tenant("a")
+    b, _ = await store.create_tenant("b")
+    await deploy(store, a.id, "f")
+    await deploy(store, b.id, "f")
+    await deploy(store, b.id, "e")
+    assert [(f.tenant_id, f.name) for f in await store.list_functions(b.id)] == [
+        (b.id, "e"),
+        (b.id, "f"),
+    ]
+    assert len(await store.list_functions()) == 3
+
+
+@pytest.mark.parametrize(
+    ("route", "parsed"),
+    [
+        ("GET /users/{id}", ("GET", "/users/{id}")),
+        ("any /hook", ("ANY", "/hook")),
+        ("  POST   /a/b-c_d.e~f  ", ("POST", "/a/b-c_d.e~f")),
+        ("GET /files/{rest:path}", ("GET", "/files/{rest:path}")),
+        ("GET /", ("GET", "/")),
+        ("GET /apis", ("GET", "/apis")),
+        ("OPTIONS /fnord", ("OPTIONS", "/fnord")),
+    ],
+)
+def test_parse_route_accepts(route: str, parsed: tuple[str, str]) -> None:
+    assert parse_route(route) == parsed
+
+
+@pytest.mark.parametrize(
+    ("route", "problem"),
+    [
+        ("/users", "METHOD /path"),
+        ("GET /a extra", "METHOD /path"),
+        ("FETCH /a", "method"),
+        ("GET users", "start with '/'"),
+        ("GET /api/v1/functions", "reserved"),
+        ("GET /api", "reserved"),
+        ("GET /fn/hello", "reserved"),
+        ("GET /healthz", "reserved"),
+        ("GET /metrics/x", "reserved"),
+        ("GET /a//b", "empty"),
+        ("GET /a/", "empty"),
+        ("GET /a/../b", "invalid"),
+        ("GET /a/{x", "invalid"),
+        ("GET /a{x}", "invalid"),
+        ("GET /a/{x}/{x}", "twice"),
+        ("GET /a/{p:path}/b", "last"),
+        ("GET /a?b=1", "invalid"),
+        ("GET /" + "a" * 600, "longer"),
+    ],
+)
+def test_parse_route_rejects(route: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        parse_route(route)
+
+
+# -- KV -----------------------------------------------------------------------------------
+
+HOSTILE_KEYS = [
+    "..",
+    "../x",
+    "/",
+    "a/../../b",
+    "\x00",
+    "a\x00b",
+    "a\x00c",
+    "%",
+    "_",
+    "\\",
+    "ü",
+    "😀",
+    "",
+    "k" * 10_240,
+]
+
+
+async def test_kv_hostile_keys_stay_inside_their_tenant(store: SqliteStore) -> None:
+    a, _ = await store.create_tenant("a")
+    b, _ = await store.create_tenant("b")
+    for i, key in enumerate(HOSTILE_KEYS):
+        await store.kv_put(a.id, key, f"a{i}".encode(), max_bytes=BIG, max_keys=BIG)
+    for key in HOSTILE_KEYS:
+        assert await store.kv_get(b.id, key) is None
+    assert await store.kv_list(b.id, "", limit=1000) == []
+    assert await store.kv_usage(b.id) == (0, 0)
+    for i, key in enumerate(HOSTILE_KEYS):
+        await store.kv_put(b.id, key, f"b{i}".encode(), max_bytes=BIG, max_keys=BIG)
+    for i, key in enumerate(HOSTILE_KEYS):
+        assert await store.kv_get(a.id, key) == f"a{i}".encode()
+        assert await store.kv_get(b.id, key) == f"b{i}".encode()
+    assert await store.kv_list(a.id, "", limit=1000) == sorted(HOSTILE_KEYS)
+    assert await store.kv_delete(b.id, "a\x00b")
+    assert await store.kv_get(a.id, "a\x00b") == b"a5"
+    expected_bytes = sum(len(k.encode()) + len(f"a{i}") for i, k in enumerate(HOSTILE_KEYS))
+    assert await store.kv_usage(a.id) == (expected_bytes, len(HOSTILE_KEYS))
+
+
+async def test_kv_list_is_an_exact_prefix_match(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("t")
+    keys = ["a%b", "a_b", "aXb", "a\\b", "ab", "a%", "b", "a", "\U0010ffff", "\U0010ffffz"]
+    for key in keys:
+        await store.kv_put(t.id, key, b"", max_bytes=BIG, max_keys=BIG)
+    assert await store.kv_list(t.id, "a%") == ["a%", "a%b"]
+    assert await store.kv_list(t.id, "a_") == ["a_b"]
+    assert await store.kv_list(t.id, "a\\") == ["a\\b"]
+    assert await store.kv_list(t.id, "%") == []
+    assert await store.kv_list(t.id, "\U0010ffff") == ["\U0010ffff", "\U0010ffffz"]
+    assert await store.kv_list(t.id, "") == sorted(keys)
+    assert await store.kv_list(t.id, "a", limit=2) == ["a", "a%"]
+    assert await store.kv_list(t.id, "a", limit=2, after="a%") == ["a%b", "aXb"]
+    assert await store.kv_get(t.id, "ab") == b""
+
+
+async def test_kv_quota_exceeded_writes_nothing(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("t")
+    await store.kv_put(t.id, "k", b"12345", max_bytes=10, max_keys=2)
+    assert await store.kv_usage(t.id) == (6, 1)
+    with pytest.raises(QuotaExceeded) as exc:
+        await store.kv_put(t.id, "k", b"1234567890", max_bytes=10, max_keys=2)
+    assert exc.value.code == "kv_quota_exceeded"
+    with pytest.raises(QuotaExceeded):
+        await store.kv_put(t.id, "other", b"1234", max_bytes=10, max_keys=2)
+    with pytest.raises(QuotaExceeded):
+        await store.kv_incr(t.id, "n", 1, max_bytes=BIG, max_keys=1)
+    assert await store.kv_get(t.id, "k") == b"12345"
+    assert await store.kv_get(t.id, "other") is None
+    assert await store.kv_usage(t.id) == (6, 1)
+    # A write that does not grow usage passes even over a lowered quota.
+    await store.kv_put(t.id, "k", b"1", max_bytes=1, max_keys=1)
+    assert await store.kv_usage(t.id) == (2, 1)
+    assert await store.kv_delete(t.id, "k")
+    assert not await store.kv_delete(t.id, "k")
+    assert await store.kv_usage(t.id) == (0, 0)
+
+
+async def test_100_concurrent_incr_give_an_exact_count(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("t")
+    results = await asyncio.gather(
+        *(store.kv_incr(t.id, "hits", 1, max_bytes=BIG, max_keys=BIG) for _ in range(100))
+    )
+    assert sorted(results) == list(range(1, 101))
+    assert await store.kv_get(t.id, "hits") == b"100"
+    assert await store.kv_incr(t.id, "hits", -150, max_bytes=BIG, max_keys=BIG) == -50
+
+
+@pytest.mark.parametrize("value", [b"abc", b" 1", b"1_000", b"+1", b"1.5", b"", b"9" * 30])
+async def test_incr_of_a_non_integer_conflicts(store: SqliteStore, value: bytes) -> None:
+    t, _ = await store.create_tenant("t")
+    await store.kv_put(t.id, "k", value, max_bytes=BIG, max_keys=BIG)
+    with pytest.raises(Conflict) as exc:
+        await store.kv_incr(t.id, "k", 1, max_bytes=BIG, max_keys=BIG)
+    assert exc.value.code == "not_an_integer"
+    assert await store.kv_get(t.id, "k") == value
+
+
+async def test_incr_stays_in_64_bits(store: SqliteStore) -> None:
+    t, _ = await store.create_tenant("t")
+    await store.kv_put(t.id, "k", str(2**63 - 1).encode(), max_bytes=BIG, max_keys=BIG)
+    with pytest.raises(Conflict) as exc:
+        await store.kv_incr(t.id, "k", 1, max_bytes=BIG, max_keys=BIG)
+    assert exc.value.code == "integer_overflow"
+
+
+# -- invocation records -------------------------------------------------------------------
+
+
+def invocation(ident: str, started_at: float, **kw: object) -> InvocationRecord:
+    base = InvocationRecord(
+        id=ident,
+        tenant_id="t1",
+        function="f",
+        version=1,
+        trigger="http",
+        method="GET",
+        path="/",
+        started_at=started_at,
+        timeout_s=5.0,
+        memory_mb=128,
+        request_bytes=10,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+async def test_invocation_insert_finish_get(store: SqliteStore) -> None:
+    rec = invocation("inv1", 1000.0)
+    await store.insert_invocation(rec)
+    assert await store.get_invocation("inv1") == rec
+    done = replace(
+        rec,
+        status=200,
+        outcome="ok",
+        wall_ms=12.5,
+        cpu_ms=3.25,
+        peak_memory_mb=20.0,
+        start="warm",
+        response_bytes=42,
+        log_lines=3,
+        logs_truncated=True,
+        error_type="E",
+        error_message="m",
+        limit_name="memory",
+        limit_value=128.0,
+    )
+    await store.finish_invocation(done)
+    assert await store.get_invocation("inv1") == done
+    with pytest.raises(NotFound):
+        await store.get_invocation("nope")
+
+
+async def test_list_invocations_pages_newest_first_with_filters(store: SqliteStore) -> None:
+    recs = []
+    for i in range(40):
+        rec = invocation(
+            f"inv{i:02d}",
+            1000.0 + i // 3,  # ties in started_at are ordered by id
+            tenant_id=f"t{i % 2}",
+            function=f"f{i % 4}",
+            outcome="ok" if i % 5 else "error",
+        )
+        recs.append(rec)
+        await store.insert_invocation(rec)
+    newest_first = sorted(recs, key=lambda r: (r.started_at, r.id), reverse=True)
+
+    async def all_pages(**filters: object) -> list[InvocationRecord]:
+        got: list[InvocationRecord] = []
+        cursor = None
+        while True:
+            page, cursor = await store.list_invocations(limit=7, cursor=cursor, **filters)  # type: ignore[arg-type]
+            got += page
+            if cursor is None:
+                return got
+
+    assert await all_pages() == newest_first
+    assert await all_pages(tenant_id="t1") == [r for r in newest_first if r.tenant_id == "t1"]
+    assert await all_pages(tenant_id="t0", function="f2") == [
+        r for r in newest_first if (r.tenant_id, r.function) == ("t0", "f2")
+    ]
+    assert await all_pages(tenant_id="t0", function="f0", outcome="error") == [
+        r for r in newest_first if (r.tenant_id, r.function, r.outcome) == ("t0", "f0", "error")
+    ]
+    assert await all_pages(function="f1") == [r for r in newest_first if r.function == "f1"]
+    assert await all_pages(since=1003.0, until=1005.0) == [
+        r for r in newest_first if 1003.0 <= r.started_at < 1005.0
+    ]
+    page, cursor = await store.list_invocations(limit=40)
+    assert len(page) == 40 and cursor is None
+    with pytest.raises(ValueError, match="cursor"):
+        await store.list_invocations(cursor="garbage")
+
+
+# -- log lines ----------------------------------------------------------------------------
+
+
+def line(
+    ts: float,
+    message: str,
+    *,
+    tenant: str = "t1",
+    function: str = "f",
+    level: str = "info",
+    inv: str | None = "inv1",
+) -> NewLogLine:
+    return NewLogLine(ts, inv, tenant, function, level, message, {"n": ts})
+
+
+async def all_log_pages(store: SqliteStore, limit: int, **filters: object) -> list[LogLine]:
+    got: list[LogLine] = []
+    cursor = None
+    while True:
+        page, cursor = await store.query_logs(limit=limit, cursor=cursor, **filters)  # type: ignore[arg-type]
+        assert len(page) <= limit
+        got += page
+        if cursor is None:
+            return got
+
+
+async def test_logs_append_and_query_with_filters(log_store: SqliteStore) -> None:
+    s = log_store
+    await s.append_logs(
+        [
+            line(100.0, "Cache miss for user 7", level="debug"),
+            line(101.0, "payment ACCEPTED order=12", inv="inv2"),
+            line(102.0, "payment declined: card_expired", level="warning", inv="inv2"),
+            line(103.0, "upstream timeout after 30s", level="error"),
+            line(104.0, "shutdown", level="critical"),
+            line(105.0, "payment accepted", function="g"),
+            line(106.0, "payment accepted", tenant="t2"),
+        ]
+    )
+    page, cursor = await s.query_logs(tenant_id="t1", function="f")
+    assert [x.ts for x in page] == [104.0, 103.0, 102.0, 101.0, 100.0] and cursor is None
+    assert page[0].fields == {"n": 104.0} and page[0].level == "critical"
+    assert (page[0].tenant_id, page[0].function) == ("t1", "f")
+
+    async def messages(**filters: object) -> list[str]:
+        return [x.message for x in (await s.query_logs(**filters))[0]]  # type: ignore[arg-type]
+
+    assert await messages(tenant_id="t1", function="f", level_min="warning") == [
+        "shutdown",
+        "upstream timeout after 30s",
+        "payment declined: card_expired",
+    ]
+    assert await messages(tenant_id="t1", function="f", since=101.0, until=103.0) == [
+        "payment declined: card_expired",
+        "payment ACCEPTED order=12",
+    ]
+    assert await messages(tenant_id="t1", function="f", q="accepted payment") == [
+        "payment ACCEPTED order=12"
+    ]
+    assert await messages(tenant_id="t1", function="f", q="timeout") == [
+        "upstream timeout after 30s"
+    ]
+    assert await messages(tenant_id="t1", function="f", q="order=12") == [
+        "payment ACCEPTED order=12"
+    ]
+    assert await messages(tenant_id="t1", q="accepted") == [
+        "payment accepted",
+        "payment ACCEPTED order=12",
+    ]
+    assert len(await messages(q="accepted")) == 3
+    assert await messages(tenant_id="t2", function="f") == ["payment accepted"]
+    assert await messages(invocation_id="inv2") == [
+        "payment declined: card_expired",
+        "payment ACCEPTED order=12",
+    ]
+    assert await messages(invocation_id="inv2", q="declined", tenant_id="t1") == [
+        "payment declined: card_expired"
+    ]
+    assert await messages(invocation_id="inv2", tenant_id="t2") == []
+    assert await messages(tenant_id="t1", function="nope") == []
+    assert await messages(tenant_id="t1", q='" OR NEAR( AND * :') == []
+    with pytest.raises(ValueError, match="level"):
+        await s.query_logs(level_min="loud")
+
+
+async def test_log_pages_match_a_brute_force_sort(log_store: SqliteStore) -> None:
+    """Lines stored out of time order, several batches: every filter, every page exact."""
+    rng = random.Random(7)
+    words = ["alpha", "beta", "gamma", "delta"]
+    lines = []
+    for i in range(3000):
+        lines.append(
+            line(
+                1000.0 + i - rng.uniform(0, 400),  # stored up to 400 s late
+                f"{rng.choice(words)} {rng.choice(words)} #{i}",
+                tenant=f"t{i % 2}",
+                function=f"f{i % 3}",
+                level=rng.choice(["debug", "info", "warning", "error"]),
+                inv=f"inv{i // 10}",
+            )
+        )
+    for start in range(0, len(lines), 250):
+        await log_store.append_logs(lines[start : start + 250])
+    stored = {x.message: x for x in await all_log_pages(log_store, 500)}
+    assert len(stored) == 3000
+    ids = [stored[x.message].id for x in lines]
+    assert ids == sorted(ids)  # ids follow arrival, not ts
+    cases: list[dict[str, object]] = [
+        {"tenant_id": "t1", "function": "f2"},
+        {"tenant_id": "t0", "q": "gamma"},
+        {"tenant_id": "t0", "function": "f1", "q": "beta alpha", "level_min": "warning"},
+        {"q": "delta", "since": 1500.0, "until": 2500.0},
+        {"function": "f0", "q": "alp*"},
+        {"q": "#12"},
+    ]
+    for filters in cases:
+        want = [
+            x
+            for x in stored.values()
+            if (filters.get("tenant_id") in (None, x.tenant_id))
+            and (filters.get("function") in (None, x.function))
+            and all(
+                w.rstrip("*") in x.message.split() or w.endswith("*") and w[:-1] in x.message
+                for w in str(filters.get("q", "")).split()
+            )
+            and x.level in {"warning", "error"} | ({"debug", "info"} if "level_min" not in filters else set())
+            and float(filters.get("since", 0.0)) <= x.ts < float(filters.get("until", 1e9))  # type: ignore[arg-type]
+        ]
+        want.sort(key=lambda x: (x.ts, x.id), reverse=True)
+        for limit in (7, 100):
+            assert await all_log_pages(log_store, limit, **filters) == want, filters
+
+
+async def test_logs_after_is_ascending_for_live_tail(log_store: SqliteStore) -> None:
+    s = log_store
+    await s.append_logs([line(float(i), f"line {i}", level="info") for i in range(5)])
+    await s.append_logs([line(9.0, "other fn", function="g")])
+    first = await s.logs_after(tenant_id="t1", function="f", after_id=0)
+    assert [x.message for x in first] == [f"line {i}" for i in range(5)]
+    await s.append_logs([line(3.0, "late but new", level="error"), line(7.0, "newer")])
+    tail = await s.logs_after(tenant_id="t1", function="f", after_id=first[-1].id)
+    assert [x.message for x in tail] == ["late but new", "newer"]
+    assert [x.message for x in await s.logs_after(
+        tenant_id="t1", function="f", after_id=first[-1].id, level_min="error"
+    )] == ["late but new"]
+    assert [x.message for x in await s.logs_after(
+        tenant_id=None, function="f", after_id=0, q="newer", limit=5
+    )] == ["newer"]
+    assert await s.logs_after(tenant_id="t1", function="f", after_id=0, limit=2) == first[:2]
+    assert await s.logs_after(tenant_id="t9", function="f", after_id=0) == []
+
+
+async def test_retention_by_count_and_age(log_store: SqliteStore) -> None:
+    s = log_store
+    now = time.time()
+    for fn in ("a", "b", "c"):
+        await s.append_logs([line(now - 50 + i, f"{fn} keepme {i}", function=fn) for i in range(50)])
+    await s.append_logs([line(now - 10_000, "ancient keepme", function="d")])
+    await s.insert_invocation(invocation("old", now - 10_000))
+    await s.insert_invocation(invocation("new", now))
+    deleted = await s.enforce_retention(max_lines_per_function=20, max_age_s=3600)
+    assert deleted == 3 * 30 + 1 + 1
+    assert await s.enforce_retention(max_lines_per_function=20, max_age_s=3600) == 0
+    for fn in ("a", "b", "c"):
+        kept = await all_log_pages(s, 100, tenant_id="t1", function=fn)
+        assert [x.message for x in kept] == [f"{fn} keepme {i}" for i in range(49, 29, -1)]
+    assert await all_log_pages(s, 100, function="d") == []
+    assert len(await all_log_pages(s, 100, q="keepme")) == 60  # the search index forgot them too
+    with pytest.raises(NotFound):
+        await s.get_invocation("old")
+    await s.get_invocation("new")
+    # Deleting the newest line never lets its id come back.
+    before = (await s.query_logs(function="a", limit=1))[0][0].id
+    assert await s.enforce_retention(max_lines_per_function=0, max_age_s=3600, batch=25) == 25
+    assert await s.enforce_retention(max_lines_per_function=0, max_age_s=3600) == 35
+    await s.append_logs([line(now, "fresh", function="a")])
+    assert (await s.query_logs(function="a"))[0][0].id > before
+
+
+# -- crash safety -------------------------------------------------------------------------
+
+CRASH_SCRIPT = """
+import asyncio, os, sys
+from pathlib import Path
+from gateway.store import FunctionConfig, open_store
+
+async def main():
+    cfg = FunctionConfig((), 5.0, 64, (), False, (), "handler:handler")
+    async with open_store(Path(sys.argv[1])) as store:
+        tenants = await store.list_tenants()
+        tenant = tenants[0] if tenants else (await store.create_tenant("crash"))[0]
+        i = 0
+        while True:
+            data = os.urandom(64 * 1024 + i)
+            digest = await store.put_blob(data)
+            await store.put_function(tenant.id, f"f{i % 3}", digest, len(data), cfg)
+            print(i, flush=True)
+            i += 1
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkill_during_deploys_leaves_only_complete_versions(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(6):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CRASH_SCRIPT, str(tmp_path),
+            stdout=asyncio.subprocess.PIPE, env=env,
+        )
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+        await asyncio.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+    async with open_store(tmp_path) as store:
+        functions = await store.list_functions()
+        assert functions
+        total = 0
+        for info in functions:
+            versions = await store.list_versions(info.tenant_id, info.name)
+            assert [v.version for v in versions] == sorted({v.version for v in versions})
+            assert info.active_version == info.latest_version == versions[-1].version
+            for v in versions:
+                assert len(await store.read_blob(v.digest)) == v.size
+            total += len(versions)
+        assert total >= 6
+    with sqlite3.connect(tmp_path / "nsfaas.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
