@@ -34,6 +34,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at REAL NOT NULL,
             PRIMARY KEY (tenant_id, name)
         ) WITHOUT ROWID""",
+        # Function names are global: they appear in /fn/{name}.
+        "CREATE UNIQUE INDEX functions_name ON functions (name)",
         # The last version number handed out per function name. It outlives a delete, so a
         # (function, version) pair in old records or caches never names different code.
         """CREATE TABLE version_counters (

@@ -20,7 +20,7 @@ from jail import JailRunner, JailUnavailable, choose_jail_dir
 from jail.pool import WarmPool
 
 from . import api_functions as fns
-from . import api_logs, openapi
+from . import api_kv, api_logs, openapi
 from .config import Settings, load_admin_key
 from .deploy import deploy_examples
 from .errors import (
@@ -267,6 +267,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/v1/functions/{name}/versions", bind(fns.list_versions), methods=["GET"]),
         Route("/api/v1/functions/{name}/rollback", bind(fns.rollback), methods=["POST"]),
         *api_logs.routes(bind),
+        *api_kv.routes(bind),
         Route("/fn/{name}", invoke_named, methods=methods),
         Route("/fn/{name}/{path:path}", invoke_named, methods=methods),
         Route("/{path:path}", invoke_declared, methods=methods),

@@ -26,7 +26,9 @@ class Api:
     def auth(self, key: str = ADMIN) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
 
-    async def deploy(self, name: str, source: str, key: str = ADMIN, **opts: object) -> httpx.Response:
+    async def deploy(
+        self, name: str, source: str, key: str = ADMIN, **opts: object
+    ) -> httpx.Response:
         resp = await self.client.put(
             f"/api/v1/functions/{name}", json={"source": source, **opts}, headers=self.auth(key)
         )
@@ -41,7 +43,9 @@ class Api:
 
 def make_settings(data_dir: Path, **kw: object) -> Settings:
     base: dict[str, object] = {
-        "data_dir": data_dir, "admin_key": ADMIN, "default_timeout_s": 5.0,
+        "data_dir": data_dir,
+        "admin_key": ADMIN,
+        "default_timeout_s": 5.0,
         "warm_idle_s": 30.0,
         "queue_size": 256,
         "queue_timeout_s": 60.0,
@@ -58,7 +62,8 @@ async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://nsfaas.test",
-                                     timeout=30) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://nsfaas.test", timeout=30
+        ) as client:
             yield Api(client, settings, app)
     shutil.rmtree(choose_jail_dir(settings.data_dir), ignore_errors=True)

@@ -25,13 +25,15 @@ async def test_upload_invoke_rollback_delete(api: Api) -> None:
     r = await api.deploy("hello", HELLO.replace("hello", "hi"), public=True)
     assert r.status_code == 200 and r.json()["version"] == 2
     assert (await api.client.get("/fn/hello")).json() == {"hi": "world"}
-    r = await api.client.post("/api/v1/functions/hello/rollback", json={"version": 1},
-                              headers=api.auth())
+    r = await api.client.post(
+        "/api/v1/functions/hello/rollback", json={"version": 1}, headers=api.auth()
+    )
     assert r.status_code == 200 and r.json()["version"] == 1
     assert (await api.client.get("/fn/hello")).json() == {"hello": "world"}
     r = await api.client.get("/api/v1/functions/hello/versions", headers=api.auth())
     assert [v["version"] for v in r.json()["versions"]] == [1, 2] or [
-        v["version"] for v in r.json()["versions"]] == [2, 1]
+        v["version"] for v in r.json()["versions"]
+    ] == [2, 1]
     assert r.json()["active_version"] == 1
     r = await api.client.delete("/api/v1/functions/hello", headers=api.auth())
     assert r.status_code == 204
@@ -40,19 +42,30 @@ async def test_upload_invoke_rollback_delete(api: Api) -> None:
 
 
 async def test_raw_python_and_zip_uploads(api: Api) -> None:
-    r = await api.client.put("/api/v1/functions/raw?public=true", content=HELLO.encode(),
-                             headers={**api.auth(), "Content-Type": "text/x-python"})
+    r = await api.client.put(
+        "/api/v1/functions/raw?public=true",
+        content=HELLO.encode(),
+        headers={**api.auth(), "Content-Type": "text/x-python"},
+    )
     assert r.status_code == 201, r.text
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("handler.py", "from helper import greet\ndef handler(r, c):\n    return greet()\n")
+        zf.writestr(
+            "handler.py", "from helper import greet\ndef handler(r, c):\n    return greet()\n"
+        )
         zf.writestr("helper.py", "def greet():\n    return 'from zip'\n")
-    r = await api.client.put("/api/v1/functions/zipped?public=true", content=buf.getvalue(),
-                             headers={**api.auth(), "Content-Type": "application/zip"})
+    r = await api.client.put(
+        "/api/v1/functions/zipped?public=true",
+        content=buf.getvalue(),
+        headers={**api.auth(), "Content-Type": "application/zip"},
+    )
     assert r.status_code == 201, r.text
     assert (await api.client.get("/fn/zipped")).text == "from zip"
-    r = await api.client.put("/api/v1/functions/zipped2", headers=api.auth(), json={
-        "archive": base64.b64encode(buf.getvalue()).decode(), "public": True})
+    r = await api.client.put(
+        "/api/v1/functions/zipped2",
+        headers=api.auth(),
+        json={"archive": base64.b64encode(buf.getvalue()).decode(), "public": True},
+    )
     assert r.status_code == 201, r.text
     assert (await api.client.get("/fn/zipped2")).text == "from zip"
 
@@ -74,8 +87,9 @@ async def test_raw_python_and_zip_uploads(api: Api) -> None:
         ({"archive": base64.b64encode(b"not a zip").decode()}, 400, "bad_zip"),
     ],
 )
-async def test_upload_validation_errors(api: Api, body: dict[str, object], status: int,
-                                        code: str) -> None:
+async def test_upload_validation_errors(
+    api: Api, body: dict[str, object], status: int, code: str
+) -> None:
     r = await api.client.put("/api/v1/functions/bad", json=body, headers=api.auth())
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
@@ -83,8 +97,9 @@ async def test_upload_validation_errors(api: Api, body: dict[str, object], statu
 
 
 async def test_syntax_error_names_file_line_column(api: Api) -> None:
-    r = await api.client.put("/api/v1/functions/bad", json={"source": "x = 1\ny = (\n"},
-                             headers=api.auth())
+    r = await api.client.put(
+        "/api/v1/functions/bad", json={"source": "x = 1\ny = (\n"}, headers=api.auth()
+    )
     err = r.json()["error"]
     assert err["code"] == "syntax_error"
     assert err["detail"]["file"] == "handler.py" and err["detail"]["line"] == 2
@@ -92,14 +107,21 @@ async def test_syntax_error_names_file_line_column(api: Api) -> None:
 
 async def test_invalid_names_and_media_types(api: Api) -> None:
     for name in ("Upper", "1abc", "a" * 64, "under_score"):
-        r = await api.client.put(f"/api/v1/functions/{name}", json={"source": HELLO},
-                                 headers=api.auth())
+        r = await api.client.put(
+            f"/api/v1/functions/{name}", json={"source": HELLO}, headers=api.auth()
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_name", name
-    r = await api.client.put("/api/v1/functions/x", content=b"<xml/>",
-                             headers={**api.auth(), "Content-Type": "application/xml"})
+    r = await api.client.put(
+        "/api/v1/functions/x",
+        content=b"<xml/>",
+        headers={**api.auth(), "Content-Type": "application/xml"},
+    )
     assert r.status_code == 415
-    r = await api.client.put("/api/v1/functions/x", content=b"{not json",
-                             headers={**api.auth(), "Content-Type": "application/json"})
+    r = await api.client.put(
+        "/api/v1/functions/x",
+        content=b"{not json",
+        headers={**api.auth(), "Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 
@@ -110,8 +132,11 @@ async def test_upload_size_cap_while_streaming(api: Api) -> None:
         for _ in range(cap // 65536 + 2):
             yield b"#" * 65536
 
-    r = await api.client.put("/api/v1/functions/big", content=body(),
-                             headers={**api.auth(), "Content-Type": "text/x-python"})
+    r = await api.client.put(
+        "/api/v1/functions/big",
+        content=body(),
+        headers={**api.auth(), "Content-Type": "text/x-python"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
@@ -122,14 +147,25 @@ async def test_auth_required_and_tenant_isolation(api: Api) -> None:
     assert r.status_code == 401
     a, b = await api.tenant("alice"), await api.tenant("bob")
     await api.deploy("secret", HELLO, key=a)
-    for method, path in [("GET", "/api/v1/functions/secret"), ("DELETE", "/api/v1/functions/secret"),
-                         ("GET", "/api/v1/functions/secret/versions"),
-                         ("GET", "/api/v1/functions/secret/logs"), ("GET", "/fn/secret")]:
+    for method, path in [
+        ("GET", "/api/v1/functions/secret"),
+        ("DELETE", "/api/v1/functions/secret"),
+        ("GET", "/api/v1/functions/secret/versions"),
+        ("GET", "/api/v1/functions/secret/logs"),
+        ("GET", "/fn/secret"),
+    ]:
         r = await api.client.request(method, path, headers=api.auth(b))
         assert r.status_code == 404, (method, path, r.text)
-    r = await api.client.put("/api/v1/functions/secret", json={"source": HELLO}, headers=api.auth(b))
+    r = await api.client.put(
+        "/api/v1/functions/secret", json={"source": HELLO}, headers=api.auth(b)
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "name_taken"
-    assert [f["name"] for f in (await api.client.get("/api/v1/functions", headers=api.auth(b))).json()["functions"]] == []
+    assert [
+        f["name"]
+        for f in (await api.client.get("/api/v1/functions", headers=api.auth(b))).json()[
+            "functions"
+        ]
+    ] == []
     # private: no key -> 401, owner's key -> 200
     assert (await api.client.get("/fn/secret")).status_code == 401
     assert (await api.client.get("/fn/secret", headers=api.auth(a))).status_code == 200
@@ -138,18 +174,26 @@ async def test_auth_required_and_tenant_isolation(api: Api) -> None:
 
 
 async def test_declared_routes_and_conflicts(api: Api) -> None:
-    src = ("def handler(request, ctx):\n"
-           "    return {'id': request.path_params.get('id'), 'path': request.path}\n")
+    src = (
+        "def handler(request, ctx):\n"
+        "    return {'id': request.path_params.get('id'), 'path': request.path}\n"
+    )
     await api.deploy("users", src, public=True, routes=["GET /users/{id}", "POST /users"])
     r = await api.client.get("/users/42")
     assert r.status_code == 200 and r.json() == {"id": "42", "path": "/users/42"}
     assert "x-invocation-id" in r.headers
     assert (await api.client.delete("/users/42")).status_code == 404
-    r = await api.client.put("/api/v1/functions/other", headers=api.auth(), json={
-        "source": src, "routes": ["ANY /users/{name}"]})
+    r = await api.client.put(
+        "/api/v1/functions/other",
+        headers=api.auth(),
+        json={"source": src, "routes": ["ANY /users/{name}"]},
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "route_conflict"
-    r = await api.client.put("/api/v1/functions/other", headers=api.auth(), json={
-        "source": src, "routes": ["GET /api/v1/x"]})
+    r = await api.client.put(
+        "/api/v1/functions/other",
+        headers=api.auth(),
+        json={"source": src, "routes": ["GET /api/v1/x"]},
+    )
     assert r.status_code == 400
     assert (await api.client.get("/nothing/here")).status_code == 404
 
@@ -162,8 +206,11 @@ async def test_declared_routes_and_conflicts(api: Api) -> None:
         ("def handler(r, c):\n    while True: pass\n", 504, "timeout"),
         ("def handler(r, c):\n    return object()\n", 502, "bad_response"),
         ("def handler(r, c):\n    return 'x', 99\n", 502, "bad_response"),
-        ("def handler(r, c):\n    return 'x', 200, {'X-Bad': 'a\\r\\nSet-Cookie: x=1'}\n", 502,
-         "bad_response"),
+        (
+            "def handler(r, c):\n    return 'x', 200, {'X-Bad': 'a\\r\\nSet-Cookie: x=1'}\n",
+            502,
+            "bad_response",
+        ),
         ("def handler(r, c):\n    x = bytearray(400 << 20)\n    return 'no'\n", 502, "oom"),
     ],
 )
@@ -180,9 +227,11 @@ async def test_outcomes_map_to_http(api: Api, source: str, status: int, code: st
 
 
 async def test_function_cannot_break_http(api: Api) -> None:
-    src = ("def handler(r, c):\n"
-           "    return b'\\x00\\xff binary', 201, {'Content-Length': '999', 'Connection': 'close',"
-           " 'Transfer-Encoding': 'chunked', 'X-Invocation-Id': 'forged', 'X-Ok': 'yes'}\n")
+    src = (
+        "def handler(r, c):\n"
+        "    return b'\\x00\\xff binary', 201, {'Content-Length': '999', 'Connection': 'close',"
+        " 'Transfer-Encoding': 'chunked', 'X-Invocation-Id': 'forged', 'X-Ok': 'yes'}\n"
+    )
     await api.deploy("raw", src, public=True)
     r = await api.client.get("/fn/raw")
     assert r.status_code == 201
@@ -203,14 +252,16 @@ async def test_request_body_cap_is_413(api: Api) -> None:
 
 
 async def test_invocation_record_and_logs(api: Api) -> None:
-    src = ("import sys, logging\n"
-           "def handler(r, c):\n"
-           "    print('to stdout')\n"
-           "    print('to stderr', file=sys.stderr)\n"
-           "    logging.getLogger('x').warning('via logging')\n"
-           "    c.log.info('structured', user='u1', n=3)\n"
-           "    print('{\"level\": \"debug\", \"message\": \"json line\", \"k\": 1}')\n"
-           "    return 'ok'\n")
+    src = (
+        "import sys, logging\n"
+        "def handler(r, c):\n"
+        "    print('to stdout')\n"
+        "    print('to stderr', file=sys.stderr)\n"
+        "    logging.getLogger('x').warning('via logging')\n"
+        "    c.log.info('structured', user='u1', n=3)\n"
+        '    print(\'{"level": "debug", "message": "json line", "k": 1}\')\n'
+        "    return 'ok'\n"
+    )
     await api.deploy("logger", src, public=True)
     r = await api.client.get("/fn/logger")
     inv = r.headers["x-invocation-id"]

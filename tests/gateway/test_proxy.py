@@ -19,7 +19,9 @@ COUNTER = "def handler(request, ctx):\n    return {'n': ctx.kv.incr('hits')}\n"
 async def test_counter_survives_100_concurrent_increments(api: Api) -> None:
     await api.deploy("counter", COUNTER, public=True)
     results = await asyncio.gather(*(api.client.post("/fn/counter") for _ in range(100)))
-    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200][:3]
+    assert all(r.status_code == 200 for r in results), [
+        r.text for r in results if r.status_code != 200
+    ][:3]
     counts = sorted(r.json()["n"] for r in results)
     assert counts == list(range(1, 101))
 
@@ -38,8 +40,15 @@ async def test_kv_types_and_listing(api: Api) -> None:
     await api.deploy("kvtypes", src, public=True)
     r = await api.client.get("/fn/kvtypes")
     assert r.status_code == 200, r.text
-    assert r.json() == {"j": {"a": [1, 2]}, "b": b"\x00raw".hex(), "missing": "dflt",
-                        "list": ["p/1", "p/2"], "pct": ["p%"], "deleted": True, "after": None}
+    assert r.json() == {
+        "j": {"a": [1, 2]},
+        "b": b"\x00raw".hex(),
+        "missing": "dflt",
+        "list": ["p/1", "p/2"],
+        "pct": ["p%"],
+        "deleted": True,
+        "after": None,
+    }
 
 
 HOSTILE_KEYS = ["..", "../x", "/", "a/../../b", "\x00", "k\x00ey", "％", "ｋ", "x" * 512, "%", "_"]
@@ -86,7 +95,11 @@ async def test_kv_limits_give_clear_errors(api: Api) -> None:
     )
     await api.deploy("kvlimits", src, public=True)
     r = await api.client.get("/fn/kvlimits")
-    assert r.json() == {"long": "invalid_key", "big": "kv_value_too_large", "notint": "not_an_integer"}
+    assert r.json() == {
+        "long": "invalid_key",
+        "big": "kv_value_too_large",
+        "notint": "not_an_integer",
+    }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -130,25 +143,32 @@ async def test_egress_allow_list_and_redirects(api: Api, upstream: int) -> None:
     await api.deploy("fetch", src, public=True, egress_allow=[f"127.0.0.1:{upstream}"])
     ok = await api.client.get("/fn/fetch", params={"url": f"http://127.0.0.1:{upstream}/"})
     assert ok.json() == {"status": 200, "body": "hello from upstream"}
-    for url in (f"http://127.0.0.1:{upstream + 1}/", f"http://localhost:{upstream}/",
-                "http://example.com/", "file:///etc/passwd",
-                f"http://127.0.0.1:{upstream}/redirect"):
+    for url in (
+        f"http://127.0.0.1:{upstream + 1}/",
+        f"http://localhost:{upstream}/",
+        "http://example.com/",
+        "file:///etc/passwd",
+        f"http://127.0.0.1:{upstream}/redirect",
+    ):
         r = await api.client.get("/fn/fetch", params={"url": url})
         assert r.json() == {"denied": "egress_denied"}, (url, r.text)
 
 
 async def test_nested_invoke_and_depth_limit(api: Api) -> None:
     await api.deploy("leaf", "def handler(r, c):\n    return {'got': r.json()}\n")
-    await api.deploy("caller", "def handler(r, c):\n    return c.invoke('leaf', {'x': 1})\n",
-                     public=True)
+    await api.deploy(
+        "caller", "def handler(r, c):\n    return c.invoke('leaf', {'x': 1})\n", public=True
+    )
     r = await api.client.get("/fn/caller")
     assert r.status_code == 200 and r.json() == {"got": {"x": 1}}
-    loop = ("from nsfaas import ProxyError\n"
-            "def handler(r, c):\n"
-            "    try:\n"
-            "        return c.invoke('loop', None)\n"
-            "    except ProxyError as exc:\n"
-            "        return {'code': exc.code}\n")
+    loop = (
+        "from nsfaas import ProxyError\n"
+        "def handler(r, c):\n"
+        "    try:\n"
+        "        return c.invoke('loop', None)\n"
+        "    except ProxyError as exc:\n"
+        "        return {'code': exc.code}\n"
+    )
     await api.deploy("loop", loop, public=True, timeout_s=20)
     r = await api.client.get("/fn/loop")
     assert r.status_code == 200
@@ -214,3 +234,39 @@ async def test_socket_and_dir_removed_after_invocation(api: Api) -> None:
 
 def test_socket_module_is_real() -> None:
     assert socket.AF_UNIX == 1
+
+
+async def test_kv_admin_api(api: Api) -> None:
+    a = await api.tenant("alice")
+    await api.deploy(
+        "w", "def handler(r, c):\n    c.kv.put('cfg', {'on': True})\n    return 'ok'\n", key=a
+    )
+    assert (await api.client.get("/fn/w", headers=api.auth(a))).status_code == 200
+    r = await api.client.get("/api/v1/kv/cfg", headers=api.auth(a))
+    assert r.status_code == 200 and r.json() == {"on": True}
+    r = await api.client.get("/api/v1/kv", headers=api.auth(a))
+    assert r.json()["keys"] == ["cfg"]
+    # the admin reads another tenant's keys only by naming it
+    assert (await api.client.get("/api/v1/kv/cfg", headers=api.auth())).status_code == 404
+    tenants = (await api.client.get("/api/v1/tenants", headers=api.auth())).json()["tenants"]
+    alice = next(t["id"] for t in tenants if t["name"] == "alice")
+    r = await api.client.get(f"/api/v1/kv/cfg?tenant={alice}", headers=api.auth())
+    assert r.json() == {"on": True}
+    r = await api.client.get(f"/api/v1/kv/cfg?tenant={alice}", headers=api.auth(a))
+    assert r.status_code == 200
+    b = await api.tenant("bob")
+    assert (
+        await api.client.get(f"/api/v1/kv/cfg?tenant={alice}", headers=api.auth(b))
+    ).status_code == 403
+    r = await api.client.put("/api/v1/kv/raw%2Fkey", content=b"\x00\x01", headers=api.auth(a))
+    assert r.status_code == 204
+    r = await api.client.get("/api/v1/kv/raw%2Fkey", headers=api.auth(a))
+    assert r.content == b"\x00\x01"
+    assert (await api.client.delete("/api/v1/kv/cfg", headers=api.auth(a))).status_code == 204
+    assert (await api.client.delete("/api/v1/kv/cfg", headers=api.auth(a))).status_code == 404
+    r = await api.client.put(
+        "/api/v1/kv/bad",
+        content=b"{not json",
+        headers={**api.auth(a), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value"

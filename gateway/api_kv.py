@@ -1,0 +1,101 @@
+"""KV admin API: a tenant's keys (the admin names the tenant with ?tenant=ID)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jail.proxy import ProxyCallError
+
+from .errors import ApiError
+from .http import read_body
+from .proxy_api import MAX_VALUE_BYTES, check_key, decode_value, encode_value
+from .store import NotFound, QuotaExceeded
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+
+async def _tenant(gw: Gateway, request: Request) -> str:
+    who = await gw.auth(request)
+    wanted = request.query_params.get("tenant")
+    if wanted is None or wanted == who.tenant_id:
+        return who.tenant_id
+    if not who.admin:
+        raise ApiError(403, "forbidden", "only the admin key can name another tenant")
+    try:
+        await gw.store.get_tenant(wanted)
+    except NotFound:
+        raise ApiError(404, "tenant_not_found", "no such tenant") from None
+    return wanted
+
+
+def _key(request: Request) -> str:
+    try:
+        return check_key(request.path_params["key"])
+    except ProxyCallError as exc:
+        raise ApiError(400, exc.code, exc.message) from None
+
+
+async def list_keys(gw: Gateway, request: Request) -> Response:
+    tenant = await _tenant(gw, request)
+    q = request.query_params
+    raw = q.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ApiError(400, "invalid_limit", "limit must be an integer in [1, 1000]")
+    keys = await gw.store.kv_list(tenant, q.get("prefix", ""), int(raw), q.get("after"))
+    used, count = await gw.store.kv_usage(tenant)
+    return JSONResponse({"keys": keys, "usage": {"bytes": used, "keys": count}})
+
+
+async def get_key(gw: Gateway, request: Request) -> Response:
+    tenant = await _tenant(gw, request)
+    key = _key(request)
+    stored = await gw.store.kv_get(tenant, key)
+    if stored is None:
+        raise ApiError(404, "key_not_found", "no such key")
+    payload, is_json = decode_value(stored)
+    return Response(
+        payload, media_type="application/json" if is_json else "application/octet-stream"
+    )
+
+
+async def put_key(gw: Gateway, request: Request) -> Response:
+    tenant = await _tenant(gw, request)
+    key = _key(request)
+    body = await read_body(request, MAX_VALUE_BYTES)
+    is_json = request.headers.get("content-type", "").startswith("application/json")
+    try:
+        value = encode_value(body, is_json=is_json)
+        s = gw.settings
+        await gw.store.kv_put(tenant, key, value, max_bytes=s.kv_max_bytes, max_keys=s.kv_max_keys)
+    except ProxyCallError as exc:
+        raise ApiError(400, exc.code, exc.message) from None
+    except QuotaExceeded as exc:
+        raise ApiError(413, "kv_quota_exceeded", exc.message) from None
+    return Response(status_code=204)
+
+
+async def delete_key(gw: Gateway, request: Request) -> Response:
+    tenant = await _tenant(gw, request)
+    if not await gw.store.kv_delete(tenant, _key(request)):
+        raise ApiError(404, "key_not_found", "no such key")
+    return Response(status_code=204)
+
+
+def routes(
+    bind: Callable[
+        [Callable[[Gateway, Request], Awaitable[Response]]],
+        Callable[[Request], Awaitable[Response]],
+    ],
+) -> list[Route]:
+    return [
+        Route("/api/v1/kv", bind(list_keys), methods=["GET"]),
+        Route("/api/v1/kv/{key:path}", bind(get_key), methods=["GET"]),
+        Route("/api/v1/kv/{key:path}", bind(put_key), methods=["PUT"]),
+        Route("/api/v1/kv/{key:path}", bind(delete_key), methods=["DELETE"]),
+    ]
