@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import random
 import statistics
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.store import NewLogLine, Store, open_store  # noqa: E402 - after the path fix
+from gateway.store import NewLogLine, Store, open_store
 
 WORDS = (
     "request handled user order payment cart item fetched stored cache miss hit retry "
@@ -76,78 +77,91 @@ async def timed(run: Callable[[], Awaitable[Any]], repeat: int = 5) -> tuple[flo
         t0 = time.perf_counter()
         result = await run()
         samples.append((time.perf_counter() - t0) * 1000)
-        size = len(result[0]) if isinstance(result, tuple) else result if isinstance(result, int) else len(result)
+        if isinstance(result, tuple):
+            size = len(result[0])
+        elif isinstance(result, int):
+            size = result
+        else:
+            size = len(result)
     return statistics.median(samples), size
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lines", type=int, default=1_000_000)
-    parser.add_argument("--functions", type=int, default=100)
-    parser.add_argument("--dir", type=Path, default=None)
-    args = parser.parse_args()
-    data_dir = args.dir or Path(tempfile.mkdtemp(prefix="nsfaas-bench-"))
+async def run(args: argparse.Namespace, data_dir: Path) -> None:
     async with open_store(data_dir) as store:
         tenants, fill_s = await fill(store, args.lines, args.functions)
-        print(f"inserted {args.lines:,} lines in {fill_s:.1f} s "
-              f"({args.lines / fill_s:,.0f} lines/s) into {data_dir}")
+        print(
+            f"inserted {args.lines:,} lines in {fill_s:.1f} s ({args.lines / fill_s:,.0f} lines/s)"
+        )
     async with open_store(data_dir) as store:  # reopened: cold caches, fresh statistics
         t = tenants[3]
         now = time.time()
         _, cursor = await store.query_logs(tenant_id=t, function="fn5", limit=100)
         newest = (await store.query_logs(tenant_id=t, function="fn5", limit=1))[0][0].id
-        queries: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            ("function, newest", lambda: store.query_logs(tenant_id=t, function="fn5")),
-            ("function, 1 h window 12 h ago", lambda: store.query_logs(
-                tenant_id=t, function="fn5", since=now - 13 * 3600, until=now - 12 * 3600)),
-            ("function, level >= error", lambda: store.query_logs(
-                tenant_id=t, function="fn5", level_min="error")),
-            ("function, page 2 (cursor)", lambda: store.query_logs(
-                tenant_id=t, function="fn5", cursor=cursor)),
-            ("function, q common (timeout)", lambda: store.query_logs(
-                tenant_id=t, function="fn5", q="timeout")),
-            ("function, q rare (kraken)", lambda: store.query_logs(
-                tenant_id=t, function="fn5", q="kraken")),
-            ("function, q two words", lambda: store.query_logs(
-                tenant_id=t, function="fn5", q="payment retry")),
-            ("function, q every line (user)", lambda: store.query_logs(
-                tenant_id=t, function="fn5", q="user")),
-            ("function, q prefix (us*)", lambda: store.query_logs(
-                tenant_id=t, function="fn5", q="us*")),
-            ("function, q punctuation (=)", lambda: store.query_logs(
-                tenant_id=t, function="fn5", q="=")),
-            ("function, q + 1 h window", lambda: store.query_logs(
-                tenant_id=t, function="fn5", q="timeout", since=now - 13 * 3600,
-                until=now - 12 * 3600)),
-            ("function, q no match", lambda: store.query_logs(
-                tenant_id=t, function="fn5", q="nosuchword")),
-            ("tenant (10 functions), newest", lambda: store.query_logs(tenant_id=t)),
-            ("tenant, q common", lambda: store.query_logs(tenant_id=t, q="timeout")),
-            ("all, newest", lambda: store.query_logs()),
-            ("all, q rare", lambda: store.query_logs(q="kraken")),
-            ("all, q common", lambda: store.query_logs(q="timeout")),
-            ("all, q every line (user)", lambda: store.query_logs(q="user")),
-            ("all, q rare + 1 h window", lambda: store.query_logs(
-                q="kraken", since=now - 13 * 3600, until=now - 12 * 3600)),
-            ("all, level >= critical", lambda: store.query_logs(level_min="critical")),
-            ("invocation id", lambda: store.query_logs(invocation_id=f"inv{args.lines // 40}")),
-            ("live tail, last ~100 lines", lambda: store.logs_after(
-                tenant_id=t, function="fn5", after_id=newest - 10_000)),
+        fn = {"tenant_id": t, "function": "fn5"}
+        hour_12h_ago = {"since": now - 13 * 3600, "until": now - 12 * 3600}
+        cases: list[tuple[str, dict[str, Any]]] = [
+            ("function, newest", fn),
+            ("function, 1 h window 12 h ago", {**fn, **hour_12h_ago}),
+            ("function, level >= error", {**fn, "level_min": "error"}),
+            ("function, page 2 (cursor)", {**fn, "cursor": cursor}),
+            ("function, q common (timeout)", {**fn, "q": "timeout"}),
+            ("function, q rare (kraken)", {**fn, "q": "kraken"}),
+            ("function, q two words", {**fn, "q": "payment retry"}),
+            ("function, q every line (user)", {**fn, "q": "user"}),
+            ("function, q prefix (us*)", {**fn, "q": "us*"}),
+            ("function, q punctuation (=)", {**fn, "q": "="}),
+            ("function, q + 1 h window", {**fn, "q": "timeout", **hour_12h_ago}),
+            ("function, q no match", {**fn, "q": "nosuchword"}),
+            ("tenant (10 functions), newest", {"tenant_id": t}),
+            ("tenant, q common", {"tenant_id": t, "q": "timeout"}),
+            ("all, newest", {}),
+            ("all, q rare", {"q": "kraken"}),
+            ("all, q common", {"q": "timeout"}),
+            ("all, q every line (user)", {"q": "user"}),
+            ("all, q rare + 1 h window", {"q": "kraken", **hour_12h_ago}),
+            ("all, level >= critical", {"level_min": "critical"}),
+            ("invocation id", {"invocation_id": f"inv{args.lines // 40}"}),
         ]
+        queries: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            (label, functools.partial(store.query_logs, **kw)) for label, kw in cases
+        ]
+        queries.append(
+            (
+                "live tail, last ~100 lines",
+                functools.partial(
+                    store.logs_after, tenant_id=t, function="fn5", after_id=newest - 10_000
+                ),
+            )
+        )
         print(f"\n{'query (first page, limit 100)':<34} {'median ms':>10} {'rows':>6}")
         print("-" * 52)
         for label, run in queries:
             ms, rows = await timed(run)
             print(f"{label:<34} {ms:>10.2f} {rows:>6}")
-        ms, _ = await timed(lambda: store.enforce_retention(
-            max_lines_per_function=args.lines, max_age_s=7 * 86_400))
+        ms, _ = await timed(
+            lambda: store.enforce_retention(max_lines_per_function=args.lines, max_age_s=7 * 86_400)
+        )
         print(f"{'retention, nothing to delete':<34} {ms:>10.2f}")
         t0 = time.perf_counter()
         deleted = await store.enforce_retention(
-            max_lines_per_function=args.lines // args.functions - 100, max_age_s=7 * 86_400)
+            max_lines_per_function=args.lines // args.functions - 100, max_age_s=7 * 86_400
+        )
         ms = (time.perf_counter() - t0) * 1000
         print(f"{'retention, 100 lines x 100 fns':<34} {ms:>10.2f} {deleted:>6}")
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--functions", type=int, default=100)
+    parser.add_argument("--dir", type=Path, default=None, help="keep the data here")
+    args = parser.parse_args()
+    if args.dir is not None:
+        asyncio.run(run(args, args.dir))
+        return
+    with tempfile.TemporaryDirectory(prefix="nsfaas-bench-") as tmp:
+        asyncio.run(run(args, Path(tmp)))
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -85,13 +85,20 @@ class SqliteStore(Store):
         )
 
     def _open_sync(self) -> None:
-        self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._blob_dir.mkdir(mode=0o700, exist_ok=True)
-        _remove_stale_temp_files(self._blob_dir)
-        conn = connect(self._db_path, readonly=False)
         try:
+            self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._blob_dir.mkdir(mode=0o700, exist_ok=True)
+            _remove_stale_temp_files(self._blob_dir)
+            conn = connect(self._db_path, readonly=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError("storage_error", f"cannot open the store: {exc}") from exc
+        try:
+            conn.execute("PRAGMA journal_size_limit = 67108864")  # trim the WAL to 64 MiB
             migrate(conn)
             self._fts = setup_fts(conn) if self._want_fts else False
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError("storage_error", f"cannot open the database: {exc}") from exc
         except BaseException:
             conn.close()
             raise
@@ -113,6 +120,7 @@ class SqliteStore(Store):
         conn, self._write_conn = self._write_conn, None
         if conn is not None:
             try:
+                conn.execute("PRAGMA analysis_limit = 1000")  # keep optimize cheap
                 conn.execute("PRAGMA optimize")
             finally:
                 conn.close()
@@ -274,6 +282,7 @@ class SqliteStore(Store):
     async def kv_list(
         self, tenant_id: str, prefix: str = "", limit: int = 100, after: str | None = None
     ) -> list[str]:
+        _check_limit(limit)
         return await self._read(lambda c: kv.list_keys(c, tenant_id, prefix, limit, after))
 
     async def kv_incr(
@@ -308,6 +317,7 @@ class SqliteStore(Store):
         limit: int = 100,
         cursor: str | None = None,
     ) -> tuple[list[InvocationRecord], str | None]:
+        _check_limit(limit)
         return await self._read(
             lambda c: records.list_invocations(
                 c,
@@ -341,6 +351,7 @@ class SqliteStore(Store):
         limit: int = 100,
         cursor: str | None = None,
     ) -> tuple[list[LogLine], str | None]:
+        _check_limit(limit)
         return await self._read(
             lambda c: logs.query(
                 c,
@@ -367,6 +378,7 @@ class SqliteStore(Store):
         level_min: str | None = None,
         q: str | None = None,
     ) -> list[LogLine]:
+        _check_limit(limit)
         return await self._read(
             lambda c: logs.after(
                 c,
@@ -389,6 +401,11 @@ class SqliteStore(Store):
                 c, max_lines=max_lines_per_function, cutoff=cutoff, budget=batch
             )
         )
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
 
 
 def _write_durably(path: Path, data: bytes) -> None:

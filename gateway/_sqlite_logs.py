@@ -77,7 +77,7 @@ def append(
             "UPDATE log_scopes SET lines = lines + ? WHERE id = ?",
             [(n, scope) for scope, n in Counter(row[0] for row in rows).items()],
         )
-        _advance_mark(conn, len(rows), max(line.ts for line in lines))
+        _advance_marks(conn, [line.ts for line in lines])
     except BaseException:
         for key in added:  # the transaction rolls back, so these ids may not exist
             scopes.pop(key, None)
@@ -233,26 +233,27 @@ def _search(
     return [row for _, _, row in sorted(best, reverse=True)]
 
 
-def _advance_mark(conn: sqlite3.Connection, count: int, batch_max: float) -> None:
+def _advance_marks(conn: sqlite3.Connection, stamps: list[float]) -> None:
+    """Extend log_marks over the ids just inserted (contiguous: one writer, AUTOINCREMENT)."""
     (last_id,) = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'logs'").fetchone()
     top = conn.execute(
         "SELECT last_id, first_id, max_ts FROM log_marks ORDER BY last_id DESC LIMIT 1"
     ).fetchone()
+    first_new = last_id - len(stamps) + 1
     if top is None:
-        conn.execute(
-            "INSERT INTO log_marks (last_id, first_id, max_ts) VALUES (?, ?, ?)",
-            (last_id, last_id - count + 1, batch_max),
-        )
-    elif last_id - top[1] < _MARK_SPAN:
-        conn.execute(
-            "UPDATE log_marks SET last_id = ?, max_ts = ? WHERE last_id = ?",
-            (last_id, max(top[2], batch_max), top[0]),
-        )
+        mark_last, mark_first, running = None, first_new, -math.inf
     else:
-        conn.execute(
-            "INSERT INTO log_marks (last_id, first_id, max_ts) VALUES (?, ?, ?)",
-            (last_id, top[0] + 1, max(top[2], batch_max)),
-        )
+        mark_last, mark_first, running = top
+        conn.execute("DELETE FROM log_marks WHERE last_id = ?", (mark_last,))
+    marks = []
+    for ident, ts in enumerate(stamps, start=first_new):
+        if mark_last is not None and ident - mark_first >= _MARK_SPAN:
+            marks.append((mark_last, mark_first, running))
+            mark_first = ident
+        running = max(running, ts)
+        mark_last = ident
+    marks.append((mark_last, mark_first, running))
+    conn.executemany("INSERT INTO log_marks (last_id, first_id, max_ts) VALUES (?, ?, ?)", marks)
 
 
 def _ts_ceiling(conn: sqlite3.Connection, up_to_id: int) -> float | None:

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from gateway.store import StoreError
+
 _I = TypeVar("_I", str, int)
 
 BUSY_TIMEOUT_MS = 5000
@@ -132,9 +134,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX logs_ts ON logs (ts)",  # all functions; age retention
         "CREATE INDEX logs_invocation ON logs (invocation_id, ts) WHERE invocation_id IS NOT NULL",
         # Marks of the form "every line with id <= last_id has ts <= max_ts", one per few
-        # hundred ids (first_id..last_id). Lines arrive roughly in time order but not exactly (an invocation's
-        # lines are stored when it ends), so a text search that walks matches newest id first
-        # uses them to know when no older id can still hold a newer line.
+        # hundred ids (first_id..last_id). Lines arrive roughly in time order but not
+        # exactly (an invocation's lines are stored when it ends), so a text search that
+        # walks matches newest id first uses them to know when no older id can still hold
+        # a newer line.
         """CREATE TABLE log_marks (
             last_id INTEGER PRIMARY KEY,
             first_id INTEGER NOT NULL,
@@ -213,7 +216,9 @@ def migrate(conn: sqlite3.Connection) -> None:
             "SELECT coalesce(max(version), 0) FROM schema_migrations"
         ).fetchone()
     if current > len(MIGRATIONS):
-        raise RuntimeError(f"database schema version {current} is newer than this code")
+        raise StoreError(
+            "schema_too_new", f"database schema version {current} is newer than this code"
+        )
     for version in range(current + 1, len(MIGRATIONS) + 1):
         with transaction(conn, write=True):
             for statement in MIGRATIONS[version - 1]:

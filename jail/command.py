@@ -100,6 +100,10 @@ def build_command(config: JailConfig, spec: JailSpec, *, ctl_fd: int, log_fd: in
         cmd += ["--symlink", f"{target}:{link}"]
     for hidden in interp.hidden:
         cmd += ["--mount", f"none:{hidden}:tmpfs:size=4096,nr_inodes=1,mode=0555"]
+    # The function's own /tmp size and inode caps, over the cfg's default /tmp
+    # (nsjail mounts a command-line tmpfs nosuid, nodev and noexec as well).
+    tmp_opts = f"size={lim.tmp_mb * 1024 * 1024},nr_inodes={lim.tmp_inodes},mode=1777"
+    cmd += ["--mount", f"none:/tmp:tmpfs:{tmp_opts}"]
     cmd += ["--bindmount_ro", f"{config.runtime_dir}:{RUNTIME_DST}"]
     cmd += ["--bindmount_ro", f"{spec.code_dir}:{CODE_DST}"]
     if spec.proxy_dir is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -180,7 +181,9 @@ def decide(end: Ending) -> dict[str, Any]:
     if done.get("limit") == "response":
         return _limit("output_limit", "response", lim.response_bytes, "response over its cap")
     code = done.get("exit_code")
-    if code == 0 and end.result_body:
+    # "early": the child closed every pipe after a whole result and was reaped
+    # after the answer (its exit status no longer matters).
+    if (code == 0 or done.get("early") is True) and end.result_body:
         return _from_frame(end.result_body, end)
     if isinstance(code, int) and code < 0:
         sig = -code
@@ -200,6 +203,17 @@ def decide(end: Ending) -> dict[str, Any]:
         "error_type": "NoResult",
         "error_message": f"the function exited (code {code}) without returning a result",
     }
+
+
+def frame_usage(raw: bytes) -> dict[str, Any]:
+    """The cpu_ms/maxrss_kb a child reported about itself in its result frame."""
+    try:
+        hlen, _ = _frames.PREFIX.unpack_from(raw)
+        head = _frames.decode_header(raw[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
+    except (_frames.FrameError, ValueError, struct.error):
+        return {}
+    usage = head.get("usage")
+    return usage if isinstance(usage, dict) else {}
 
 
 def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:

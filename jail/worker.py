@@ -20,7 +20,7 @@ from . import cgroups as cg
 from .command import JailConfig, JailSpec, build_command
 from .errors import WorkerError
 from .proxy import CallContext, HostProxy, ProxyHandler
-from .result import Ending, JailResult, LogEntry, decide, log_entry
+from .result import Ending, JailResult, LogEntry, decide, frame_usage, log_entry
 from .runtime import _frames
 
 NSJAIL_LOG_CAP = 64 * 1024
@@ -261,6 +261,8 @@ class Worker:
     def _result(self, end: Ending, logs: _Collector, t0: float, start: str) -> JailResult:
         fields = decide(end)
         done = end.done or {}
+        if done.get("early") and end.result_body:
+            done = {**done, **frame_usage(end.result_body)}
         cpu = done.get("cpu_ms")
         rss = done.get("maxrss_kb")
         if fields.get("outcome") == "jail_failure":

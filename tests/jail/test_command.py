@@ -65,6 +65,7 @@ GOLDEN = [
     "--symlink", "usr/lib:/lib",
     "--symlink", "usr/lib64:/lib64",
     "--mount", "none:/usr/lib/python3.11/site-packages:tmpfs:size=4096,nr_inodes=1,mode=0555",
+    "--mount", "none:/tmp:tmpfs:size=16777216,nr_inodes=512,mode=1777",
     "--bindmount_ro", "/srv/jail/runtime:/opt/nsfaas",
     "--bindmount_ro", "/srv/jail/code/abc:/function",
     "--bindmount_ro", "/srv/jail/sock/p1:/run/nsfaas",
@@ -234,3 +235,11 @@ def test_the_cfg_keeps_its_hardening() -> None:
     assert "is_bind: true" in text
     binds = [ln for ln in text.splitlines() if "is_bind: true" in ln]
     assert all(any(d in ln for d in ("/dev/null", "/dev/zero", "/dev/urandom")) for ln in binds)
+
+
+def test_tmp_size_and_inodes_come_from_the_limits() -> None:
+    spec = JailSpec(code_dir=Path("/c"), entrypoint="h:h",
+                    limits=Limits(tmp_mb=6, tmp_inodes=100))
+    flags = _flags(build_command(CONFIG, spec, ctl_fd=3, log_fd=4))
+    tmp = [v for f, v in flags if f == "--mount" and v.startswith("none:/tmp:")]
+    assert tmp == ["none:/tmp:tmpfs:size=6291456,nr_inodes=100,mode=1777"]
