@@ -1,6 +1,6 @@
 """Log store at scale: insert N lines across F functions, time first-page queries.
 
-    .venv/bin/python bench/bench_logs.py [--lines 1000000] [--functions 100] [--dir PATH]
+    .venv/bin/python bench/bench_logs.py [--lines 1000000] [--functions 100] [--no-fts]
 
 Lines are spread over the last 24 hours, stored up to 30 s late (out of time order, as
 when an invocation's lines are stored at its end), 10 functions per tenant, with a
@@ -25,7 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.store import NewLogLine, Store, open_store
+from gateway._sqlite import SqliteStore
+from gateway.store import NewLogLine, Store
 
 WORDS = (
     "request handled user order payment cart item fetched stored cache miss hit retry "
@@ -87,12 +88,14 @@ async def timed(run: Callable[[], Awaitable[Any]], repeat: int = 5) -> tuple[flo
 
 
 async def run(args: argparse.Namespace, data_dir: Path) -> None:
-    async with open_store(data_dir) as store:
+    async with SqliteStore(data_dir, fts=not args.no_fts) as store:
         tenants, fill_s = await fill(store, args.lines, args.functions)
         print(
             f"inserted {args.lines:,} lines in {fill_s:.1f} s ({args.lines / fill_s:,.0f} lines/s)"
         )
-    async with open_store(data_dir) as store:  # reopened: cold caches, fresh statistics
+    # Reopened: cold caches, fresh planner statistics.
+    async with SqliteStore(data_dir, fts=not args.no_fts) as store:
+        print(f"text search: {'FTS5' if store.fts else 'substring scan'}")
         t = tenants[3]
         now = time.time()
         _, cursor = await store.query_logs(tenant_id=t, function="fn5", limit=100)
@@ -155,6 +158,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--functions", type=int, default=100)
     parser.add_argument("--dir", type=Path, default=None, help="keep the data here")
+    parser.add_argument("--no-fts", action="store_true", help="search by substring scan")
     args = parser.parse_args()
     if args.dir is not None:
         asyncio.run(run(args, args.dir))

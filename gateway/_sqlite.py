@@ -2,17 +2,16 @@
 
 SQLite never runs on the event loop. One thread owns the only write connection, so writes
 queue in order and each is one IMMEDIATE transaction; a few reader threads, each with its
-own connection, serve reads from WAL snapshots without waiting for the writer.
+own connection, serve reads from WAL snapshots without waiting for the writer. A write
+whose caller is cancelled still completes (or fails) as a whole on the writer thread.
+Read-check-write sequences (quotas, route claims, version numbers) run inside one
+IMMEDIATE transaction, so they stay atomic even if a second process opens the database.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import re
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from gateway import _sqlite_blobs as blobs
 from gateway import _sqlite_catalog as catalog
 from gateway import _sqlite_kv as kv
 from gateway import _sqlite_logs as logs
@@ -41,8 +41,6 @@ from gateway.store import (
 )
 
 _T = TypeVar("_T")
-_DIGEST = re.compile(r"[0-9a-f]{64}")
-_STALE_TEMP_S = 3600.0  # temp blob files older than this are left over from a crash
 
 
 class SqliteStore(Store):
@@ -88,7 +86,7 @@ class SqliteStore(Store):
         try:
             self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._blob_dir.mkdir(mode=0o700, exist_ok=True)
-            _remove_stale_temp_files(self._blob_dir)
+            blobs.remove_stale_temp_files(self._blob_dir)
             conn = connect(self._db_path, readonly=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError("storage_error", f"cannot open the store: {exc}") from exc
@@ -173,35 +171,13 @@ class SqliteStore(Store):
     async def put_blob(self, data: bytes) -> str:
         if self._writer is None:
             raise StoreError("store_closed", "the store is not open")
-        return await asyncio.to_thread(self._put_blob_sync, data)
+        return await asyncio.to_thread(blobs.put_blob, self._blob_dir, data)
 
     def blob_path(self, digest: str) -> Path:
-        if not _DIGEST.fullmatch(digest):
-            raise ValueError(f"not a sha256 hex digest: {digest!r}")
-        return self._blob_dir / digest[:2] / digest
+        return blobs.blob_path(self._blob_dir, digest)
 
     async def read_blob(self, digest: str) -> bytes:
-        path = self.blob_path(digest)
-        try:
-            data = await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
-            raise NotFound("blob_not_found", f"blob {digest} not found") from None
-        except OSError as exc:
-            raise StoreError("storage_error", f"cannot read blob {digest}: {exc}") from exc
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise StoreError("blob_corrupt", f"blob {digest} does not match its digest")
-        return data
-
-    def _put_blob_sync(self, data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.blob_path(digest)
-        try:
-            if path.is_file() and path.stat().st_size == len(data):
-                return digest
-            _write_durably(path, data)
-        except OSError as exc:
-            raise StoreError("storage_error", f"cannot write blob {digest}: {exc}") from exc
-        return digest
+        return await asyncio.to_thread(blobs.read_blob, self._blob_dir, digest)
 
     # -- tenants --------------------------------------------------------------------------
 
@@ -406,41 +382,3 @@ class SqliteStore(Store):
 def _check_limit(limit: int) -> None:
     if limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Temp file in the target directory, fsync, rename, fsync the directory."""
-    new_dir = not path.parent.is_dir()
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    if new_dir:
-        _fsync_dir(path.parent.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o444)  # content-addressed: never changes
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temp_files(blob_dir: Path) -> None:
-    cutoff = time.time() - _STALE_TEMP_S
-    for tmp in blob_dir.glob("*/.tmp-*"):
-        try:
-            if tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
-        except FileNotFoundError:
-            pass

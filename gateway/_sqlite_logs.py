@@ -44,6 +44,8 @@ def append(
     conn: sqlite3.Connection, lines: Sequence[NewLogLine], scopes: dict[tuple[str, str], int]
 ) -> None:
     """Insert lines; `scopes` caches scope ids and is only ever used by the writer thread."""
+    if not lines:
+        return
     if not all(math.isfinite(line.ts) for line in lines):
         raise ValueError("log line timestamps must be finite")
     added = [k for k in {(line.tenant_id, line.function) for line in lines} if k not in scopes]
@@ -122,12 +124,13 @@ def query(
         where.append("invocation_id = ?")
         params.append(invocation_id)
         _filter_scopes(scopes, where, params, indexed=False)
+        bounds = (None, None)
         if words:
             bounds = conn.execute(
                 "SELECT min(id), max(id) FROM logs WHERE invocation_id = ?", (invocation_id,)
             ).fetchone()
             _match(words, scopes, where, params, bounds)
-        rows = _page(conn, where, params, limit + 1)
+        rows = [] if words and bounds[0] is None else _page(conn, where, params, limit + 1)
     elif words:
         _filter_scopes(scopes, where, params, indexed=False, tokens=True)
         rows = _search(conn, _match_expr(words, scopes), where, params, limit + 1, since)

@@ -269,10 +269,14 @@ def to_http(result: JailResult, inv_id: str, *, head: bool = False) -> Response:
     detail: dict[str, Any] = {}
     if result.limit_name:
         detail = {"limit": result.limit_name, "limit_value": result.limit_value}
+    message = MESSAGES[result.outcome]
+    if result.error_type == "JailUnavailable" and result.error_message:
+        # The operator's problem, not the function's: say exactly what is missing.
+        message = f"{message}: {result.error_message}"
     return error_response(
         STATUS_BY_OUTCOME[result.outcome],
         result.outcome,
-        MESSAGES[result.outcome],
+        message,
         invocation_id=inv_id,
         headers=extra,
         detail=detail,

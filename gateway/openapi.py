@@ -165,7 +165,7 @@ DOCUMENT: dict[str, Any] = {
                     "required": True,
                     "content": {"application/json": {"schema": _obj({"name": STR})}},
                 },
-                "responses": _resp("NewTenant", "201", ("400", "401", "403", "409")),
+                "responses": _resp("NewTenant", "201", ("400", "401", "403", "409", "413")),
             },
             "get": {
                 "summary": "List tenants (admin)",
@@ -200,6 +200,7 @@ DOCUMENT: dict[str, Any] = {
                 "summary": "Delete a function and its versions",
                 "responses": {
                     "204": {"description": "deleted"},
+                    "400": {"description": "error", **_ref("Error")},
                     "401": {"description": "error", **_ref("Error")},
                     "404": {"description": "error", **_ref("Error")},
                 },
@@ -217,7 +218,7 @@ DOCUMENT: dict[str, Any] = {
                     "required": True,
                     "content": {"application/json": {"schema": _obj({"version": INT})}},
                 },
-                "responses": _resp("Version", errors=("400", "401", "404", "409")),
+                "responses": _resp("Version", errors=("400", "401", "404", "409", "413")),
             },
         },
         "/api/v1/functions/{name}/logs": {

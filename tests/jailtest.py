@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,26 @@ def processes_with(marker: str) -> list[int]:
                 if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
                     hits.append(int(entry))
     return hits
+
+
+def ancestors(pid: int) -> list[int]:
+    """Host pids above ``pid``, nearest first."""
+    out: list[int] = []
+    cur = str(pid)
+    for _ in range(64):
+        ppid = _status(cur).get("PPid", "0")
+        if ppid in ("0", ""):
+            break
+        out.append(int(ppid))
+        cur = ppid
+    return out
+
+
+async def gone(marker: str, within_s: float) -> bool:
+    """Poll until no process carries ``marker`` (True) or time runs out (False)."""
+    deadline = time.monotonic() + within_s
+    while processes_with(marker):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True

@@ -118,6 +118,7 @@ def run_child(fn: Handler, max_body: int) -> None:
     _handler_pid = os.getpid()
     code = 70
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in any Python
         _warm_up()
         try:
             header, body = _frames.read_frame(0, max_body)
@@ -188,10 +189,11 @@ def _finish(frame: dict[str, Any], body: bytes) -> None:
     # Close the log pipes first: once every pipe is at EOF and the result is
     # complete, the zygote can answer without waiting for this process's
     # exit (tearing down its address space is off the critical path).
-    null = os.open("/dev/null", os.O_WRONLY)
     for fd in (1, 2, LOG_FD):
-        os.dup2(null, fd)
-    os.close(null)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     usage = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     frame["usage"] = {
@@ -380,6 +382,9 @@ def _wipe_ipc() -> None:
 
 
 def main(argv: list[str]) -> int:
+    # pid 1 of a pid namespace only receives the signals it has a handler for;
+    # Python's own SIGINT handler would let a child kill(1, SIGINT) the zygote.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     ctl = int(argv[1])
     entrypoint = argv[2]
     once = argv[3] == "once"

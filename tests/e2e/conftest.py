@@ -22,7 +22,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,7 @@ class GatewayProcess:
             PYTHONUNBUFFERED="1",
         )
         env.update(self.extra_env)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in wait())
+        self._log = self._open_log()
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -223,6 +223,9 @@ class GatewayProcess:
                 if loop.time() > deadline:
                     raise RuntimeError(f"gateway did not become healthy:\n{self.log_tail()}")
                 await asyncio.sleep(0.05)
+
+    def _open_log(self) -> Any:
+        return open(self.log_path, "ab")  # closed in wait()
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -424,7 +427,6 @@ __all__ = [
     "e2e_settings",
     "jail_cgroups",
     "orphaned_jail_processes",
-    "replace",
     "short_tmp",
     "start_time",
     "wait_for",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import zipfile
+from pathlib import Path
+
+import httpx
 
 import pytest
 
@@ -294,3 +297,24 @@ async def test_healthz_metrics_openapi(api: Api) -> None:
     doc = (await api.client.get("/api/v1/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
     assert "/api/v1/functions/{name}" in doc["paths"]
+
+
+async def test_refuses_invocations_when_jails_cannot_start(tmp_path: Path) -> None:
+    from gateway.app import create_app
+
+    from .conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", nsjail="/bin/false")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            health = await client.get("/healthz")
+            assert health.status_code == 503
+            assert "self-check failed" in health.json()["reason"]
+            r = await client.put("/api/v1/functions/f", json={"source": HELLO, "public": True},
+                                 headers={"Authorization": f"Bearer {settings.admin_key}"})
+            assert r.status_code == 201  # storing code needs no jail
+            r = await client.get("/fn/f")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "jail_failure"
+            assert "self-check failed" in r.json()["error"]["message"]

@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 
 from jail import Limits
 from tests.jailtest import (
     GOOD,
     Jail,
+    ancestors,
     body_json,
     describe,
+    gone,
     invocation,
     jail_uid_processes,
     processes_with,
@@ -53,18 +56,27 @@ async def test_a_daemon_does_not_outlive_the_invocation(jail: Jail, mode: str) -
         seen = processes_with(marker)
         await asyncio.sleep(0.02)
     assert seen, "the daemon never showed up: the test would prove nothing"
-    status = (await asyncio.to_thread(lambda: open(f"/proc/{seen[0]}/status").read()))
+    status = Path(f"/proc/{seen[0]}/status").read_text()  # noqa: ASYNC240 (procfs, instant)
     assert "\nUid:\t65534\t65534\t65534\t65534\n" in status
     r = await task
     assert (r.outcome, r.body) == ("ok", b"spawned"), describe(r)
-    # Gone as soon as the invocation is over: warm, while its worker still lives.
-    assert processes_with(marker) == []
-    if mode == "warm":
-        assert fn.alive and fn.worker is not None
-        assert set(jail_uid_processes()) == {fn.worker.jail_pid}
-    else:
+    if mode == "cold":
+        # runner.run returns after the whole jail is gone.
+        assert processes_with(marker) == []
         assert jail_uid_processes() == {}
-    await fn.assert_recovers()
+    else:
+        # The zygote answers as soon as the result is whole and kills every
+        # straggler right after (before it reads the next request): the daemon
+        # is gone within moments while the worker itself lives on.
+        assert await gone(marker, within_s=1.0), processes_with(marker)
+        assert fn.alive and fn.worker is not None and fn.worker.jail_pid is not None
+        zygote = fn.worker.jail_pid
+        left = jail_uid_processes()
+        # Only the zygote and the idle child it pre-forked for the next request.
+        assert zygote in left and len(left) <= 2, left
+        assert all(p == zygote or ancestors(p)[0] == zygote for p in left), left
+    r = await fn.assert_recovers()
+    assert processes_with(marker) == []
 
 
 async def test_a_daemon_of_a_timed_out_invocation_is_gone_too(jail: Jail, mode: str) -> None:
@@ -258,3 +270,26 @@ def handler(request, ctx):
         assert fn.alive
     await fn.assert_recovers()
 
+
+
+async def test_sigint_to_the_zygote_is_ignored_and_to_the_handler_is_an_error(
+    jail: Jail, mode: str
+) -> None:
+    src = """
+import os, signal, time
+
+def handler(request, ctx):
+    os.kill(1, signal.SIGINT)       # the zygote: must be ignored
+    if request.text() == "self":
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    return "zygote untouched"
+"""
+    fn = jail.function(src, mode)
+    r = await fn()
+    assert (r.outcome, r.body) == ("ok", b"zygote untouched"), describe(r)
+    r = await fn("self")
+    assert (r.outcome, r.error_type) == ("error", "KeyboardInterrupt"), describe(r)
+    if mode == "warm":
+        assert fn.alive and fn.restarts == 0
+    await fn.assert_recovers()
