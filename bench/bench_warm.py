@@ -10,6 +10,9 @@ Same hello handler everywhere, same load generator, loopback only:
                  function forks a fresh child per invocation.
   (c) yardstick  the same handler as a plain in-process Starlette route under the
                  same uvicorn settings (no jail, no store, no logs).
+  (b') warm-jail the warm path without HTTP, gateway, store or logs: ``Worker.invoke``
+                 on warm workers (min(c, 8) of them) driven in-process. Not part of
+                 the issue's four; it splits (b) into jail cost and gateway cost.
   (d) floor      fork + _exit + waitpid of a small Python process: a stdlib-only
                  ``python3 -I -S`` parent (the jail's interpreter) forking a child
                  that exits at once; at concurrency c, c such parents at once.
@@ -209,8 +212,8 @@ def _ms(text: str) -> float:
 def run_wrk(url: str, conc: int, duration: float) -> tuple[float, float, float, int, int]:
     threads = min(conc, 2)
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{conc}", f"-d{max(1, round(duration))}s", "--timeout", "30s", "--latency",
-         url],
+        ["wrk", f"-t{threads}", f"-c{conc}", f"-d{max(1, round(duration))}s", "--timeout", "30s",
+         "--latency", url],
         capture_output=True, text=True, check=True,
     ).stdout
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
@@ -284,9 +287,72 @@ def floor_cell(python: str, conc: int) -> Cell:
     return Cell("floor", conc, pct(lat, 50), pct(lat, 99), len(lat) / elapsed, len(lat))
 
 
+# -- the warm path without HTTP -------------------------------------------------------------
+
+
+async def _warm_jail_cell(runner: Any, spec: Any, conc: int, duration: float) -> Cell:
+    from jail import Invocation, Worker
+
+    idle: asyncio.Queue[Worker] = asyncio.Queue()
+    workers = [Worker(runner.config, spec) for _ in range(min(conc, 8))]
+    await asyncio.gather(*(w.start() for w in workers))
+    for w in workers:
+        idle.put_nowait(w)
+    lat: list[float] = []
+    errors = 0
+    seq = 0
+
+    async def client(deadline: float) -> None:
+        nonlocal errors, seq
+        while time.perf_counter() < deadline:
+            w = await idle.get()
+            seq += 1
+            inv = Invocation(invocation_id=f"b{seq}", function="hello", version=1, tenant="bench")
+            t0 = time.perf_counter()
+            r = await w.invoke(inv, start="warm")
+            lat.append((time.perf_counter() - t0) * 1000)
+            if r.outcome != "ok" or json.loads(r.body) != EXPECTED:
+                errors += 1
+            if not w.alive:
+                await w.aclose(kill=True)
+                w = Worker(runner.config, spec)
+                workers.append(w)
+                await w.start()
+            idle.put_nowait(w)
+
+    try:
+        await client(time.perf_counter() + 0.5)  # warm-up
+        lat.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(t0 + duration) for _ in range(conc)))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(w.aclose(kill=True) for w in workers))
+    return Cell("warm-jail", conc, pct(lat, 50), pct(lat, 99), len(lat) / elapsed, len(lat),
+                errors)
+
+
+async def _warm_jail_cells(duration: float) -> list[Cell]:
+    from jail import JailRunner, Limits
+
+    root = Path(tempfile.mkdtemp(prefix="nsbj-", dir="/tmp"))
+    os.chmod(root, 0o711)  # noqa: S103 (the jail uid traverses it)
+    try:
+        runner = await asyncio.to_thread(JailRunner.create, jail_dir=root / "jail")
+        code = runner.jail_dir / "code" / "bench-hello"
+        code.mkdir(parents=True)
+        os.chmod(code, 0o755)  # noqa: S103 (the jail uid reads it)
+        (code / "handler.py").write_text(HELLO)
+        os.chmod(code / "handler.py", 0o644)
+        spec = runner.spec(code, "handler:handler", Limits(timeout_s=10), mode="warm")
+        return [await _warm_jail_cell(runner, spec, c, duration) for c in CONCURRENCY]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # -- report --------------------------------------------------------------------------------
 
-ORDER = ("cold", "warm", "yardstick", "floor")
+ORDER = ("cold", "warm", "warm-jail", "yardstick", "floor")
 
 
 def table(cells: list[Cell]) -> str:
@@ -334,13 +400,13 @@ def plot(cells: list[Cell], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    width = 0.2
+    width = 0.16
     panels = (("p50_ms", "p50 latency (ms)"), ("p99_ms", "p99 latency (ms)"),
               ("rps", "invocations/s"))
     for ax, (attr, title) in zip(axes, panels, strict=True):
         for i, name in enumerate(ORDER):
             row = {c.conc: getattr(c, attr) for c in cells if c.path == name}
-            xs = [j + (i - 1.5) * width for j in range(len(CONCURRENCY))]
+            xs = [j + (i - (len(ORDER) - 1) / 2) * width for j in range(len(CONCURRENCY))]
             ys = [row.get(conc, 0.0) for conc in CONCURRENCY]
             bars = ax.bar(xs, ys, width, label=name)
             ax.bar_label(bars, fmt="%.3g", fontsize=7, rotation=90, padding=2)
@@ -386,6 +452,12 @@ def main() -> None:
     try:
         for path in ORDER:
             if path not in paths:
+                continue
+            if path == "warm-jail":
+                for cell in asyncio.run(_warm_jail_cells(args.duration)):
+                    cells.append(cell)
+                    print(f"  warm-jail c={cell.conc}: p50 {cell.p50_ms:.2f} ms "
+                          f"{cell.rps:,.0f}/s errors {cell.errors}", flush=True)
                 continue
             if path == "floor":
                 for conc in CONCURRENCY:

@@ -30,7 +30,7 @@ from .errors import (
     http_error_handler,
     unhandled_error_handler,
 )
-from .http import DEFAULT_TENANT, Principal, read_body, require
+from .http import DEFAULT_TENANT, ByteBudget, Principal, read_body, require
 from .invoke import Call, Invoker, new_invocation_id, to_http
 from .logbus import LogBus
 from .metrics import Metrics
@@ -58,6 +58,7 @@ class Gateway:
             queue_timeout_s=settings.queue_timeout_s,
         )
         self.store: Store = open_store(settings.data_dir)
+        self.bodies = ByteBudget(settings.max_buffered_bytes)
         self.runner: JailRunner | None = None
         self.pool: WarmPool | None = None
         self.unavailable: str | None = "starting"
@@ -221,7 +222,7 @@ def create_app(settings: Settings) -> Starlette:
             )
         try:
             await _authorize(request, fv)
-            body = await read_body(request, settings.max_request_bytes)
+            body = await read_body(request, settings.max_request_bytes, gw.bodies)
         except ApiError as exc:
             return error_response(
                 exc.status,
@@ -243,7 +244,10 @@ def create_app(settings: Settings) -> Starlette:
             body=body,
             path_params=params,
         )
-        result, inv_id = await gw.invoker.invoke(fv, call)
+        try:
+            result, inv_id = await gw.invoker.invoke(fv, call)
+        finally:
+            gw.bodies.release(len(body))
         return to_http(result, inv_id, head=request.method == "HEAD")
 
     async def _authorize(request: Request, fv: FunctionVersion) -> None:

@@ -32,6 +32,7 @@ class Settings:
     max_memory_mb: int = 2048
     pids: int = 32
     max_request_bytes: int = 6 * 1024 * 1024
+    max_buffered_bytes: int = 256 * 1024 * 1024  # all invocation bodies held at once
     max_response_bytes: int = 6 * 1024 * 1024
     max_log_bytes: int = 1024 * 1024
     max_log_lines: int = 5000

@@ -60,7 +60,28 @@ async def require(
     return who
 
 
-async def read_body(request: Request, cap: int) -> bytes:
+class ByteBudget:
+    """Bytes of request bodies held in memory at once, across all requests.
+
+    Bodies are read before an invocation waits for a slot; without a shared
+    budget, many large concurrent bodies could exhaust the gateway's memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+async def read_body(request: Request, cap: int, budget: ByteBudget | None = None) -> bytes:
     """Read the body while it streams in; past ``cap`` bytes answer 413.
 
     A lying or absent Content-Length changes nothing: the count is of bytes
@@ -76,9 +97,23 @@ async def read_body(request: Request, cap: int) -> bytes:
             size += len(chunk)
             if size > cap:
                 raise ApiError(413, "payload_too_large", f"request body exceeds {cap} bytes")
+            if budget is not None and not budget.reserve(len(chunk)):
+                size -= len(chunk)
+                raise ApiError(
+                    429,
+                    "rejected",
+                    "the gateway is buffering too many request bodies",
+                    headers={"Retry-After": "1"},
+                )
             chunks.append(chunk)
     except ClientDisconnect:
+        if budget is not None:
+            budget.release(size)
         raise ApiError(400, "client_disconnected", "the client went away mid-body") from None
+    except ApiError:
+        if budget is not None:
+            budget.release(size)
+        raise
     return b"".join(chunks)
 
 

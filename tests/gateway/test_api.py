@@ -318,3 +318,26 @@ async def test_refuses_invocations_when_jails_cannot_start(tmp_path: Path) -> No
             r = await client.get("/fn/f")
             assert r.status_code == 503 and r.json()["error"]["code"] == "jail_failure"
             assert "self-check failed" in r.json()["error"]["message"]
+
+
+async def test_buffered_bodies_have_a_global_budget(tmp_path: Path) -> None:
+    from gateway.app import create_app
+
+    from .conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", max_buffered_bytes=1000)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            auth = {"Authorization": f"Bearer {settings.admin_key}"}
+            src = "def handler(r, c):\n    return str(len(r.body))\n"
+            r = await client.put("/api/v1/functions/n", json={"source": src, "public": True}, headers=auth)
+            assert r.status_code == 201
+            r = await client.post("/fn/n", content=b"x" * 2000)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            gw = app.state.gateway
+            assert gw.bodies.used == 0
+            r = await client.post("/fn/n", content=b"x" * 500)
+            assert r.status_code == 200 and r.text == "500"
+            assert gw.bodies.used == 0
