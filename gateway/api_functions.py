@@ -236,6 +236,7 @@ async def put_function(gw: Gateway, request: Request) -> Response:
     except Conflict as exc:
         raise ApiError(409, exc.code, exc.message) from None
     await gw.routes_changed()
+    await gw.version_changed(fv)
     return JSONResponse(version_json(fv), status_code=201 if created else 200)
 
 
@@ -321,6 +322,7 @@ async def rollback(gw: Gateway, request: Request) -> Response:
     except Conflict as exc:
         raise ApiError(409, exc.code, exc.message) from None
     await gw.routes_changed()
+    await gw.version_changed(fv)
     return JSONResponse(version_json(fv))
 
 

@@ -75,6 +75,11 @@ class Gateway:
     async def routes_changed(self) -> None:
         self.routes = RouteTable(await self.store.all_routes())
 
+    async def version_changed(self, fv: FunctionVersion) -> None:
+        """A version became active: warm it up if a warm minimum is configured."""
+        if self.invoker is not None:
+            await self.invoker.prewarm(fv)
+
     async def start(self) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +133,11 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._retention_loop()))
         if s.examples_dir is not None:
             await deploy_examples(self, s.examples_dir)
+        if s.warm_min_workers > 0:
+            for info in await self.store.list_functions(None):
+                await self.version_changed(
+                    await self.store.get_version(info.tenant_id, info.name, None)
+                )
 
     async def _retention_loop(self) -> None:
         s = self.settings

@@ -51,7 +51,8 @@ class Settings:
     queue_timeout_s: float = 5.0
     warm: bool = True  # keep pre-forked warm workers
     warm_idle_s: float = 120.0
-    warm_max_workers: int = 4  # per function version
+    warm_max_workers: int = 4  # idle workers kept per function version
+    warm_min_workers: int = 0  # started ahead of traffic per function version
     warm_memory_budget_mb: int = 2048  # sum of memory limits of idle warm workers
     proxy_rate_per_s: float = 200.0  # host-proxy calls per invocation per second (burst = 2x)
     invoke_depth: int = 4  # ctx.invoke nesting

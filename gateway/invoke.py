@@ -115,6 +115,18 @@ class Invoker:
                 )
         return path
 
+    def pool_key(self, fv: FunctionVersion) -> str:
+        return f"{fv.tenant_id}/{fv.name}@{fv.version}:{fv.digest}"
+
+    async def prewarm(self, fv: FunctionVersion) -> None:
+        """Start the configured minimum of warm workers for this version."""
+        n = self.settings.warm_min_workers
+        if self.pool is None or self.runner is None or n <= 0:
+            return
+        code = await self.code_dir(fv.digest)
+        spec = self.runner.spec(code, fv.config.entrypoint, self.limits_for(fv))
+        self.pool.prewarm(self.pool_key(fv), spec, n)
+
     async def invoke(self, fv: FunctionVersion, call: Call) -> tuple[JailResult, str]:
         """Run one invocation and record it. Never raises for function behaviour."""
         inv_id = new_invocation_id()
@@ -185,7 +197,7 @@ class Invoker:
                     depth=call.depth,
                 )
                 if self.pool is not None:
-                    return await self.pool.run(f"{key}@{fv.version}:{fv.digest}", spec, inv)
+                    return await self.pool.run(self.pool_key(fv), spec, inv)
                 return await self.runner.run(spec, inv)
             finally:
                 self.metrics.in_flight.dec()

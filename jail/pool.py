@@ -39,6 +39,9 @@ class PoolStats:
 class _Key:
     idle: collections.deque[Worker] = field(default_factory=collections.deque)
     busy: int = 0
+    starting: int = 0
+    min_idle: int = 0
+    spec: JailSpec | None = None
 
 
 class WarmPool:
@@ -127,6 +130,43 @@ class WarmPool:
         self.on_change(self.idle_workers)
         return replace(result, wall_ms=(time.monotonic() - t0) * 1000.0)
 
+    def prewarm(self, key: str, spec: JailSpec, n: int) -> None:
+        """Keep at least ``n`` idle workers for this version (started in the
+        background now, and again by the reaper whenever one dies)."""
+        spec = replace(spec, mode="warm")
+        self._retire_old_versions(key)
+        entry = self._keys.setdefault(key, _Key())
+        entry.min_idle, entry.spec = n, spec
+        self._top_up(key, entry)
+
+    def _top_up(self, key: str, entry: _Key) -> None:
+        if self._closed or entry.spec is None or self._current.get(_fn(key)) != key:
+            return
+        missing = entry.min_idle - len(entry.idle) - entry.starting
+        for _ in range(max(0, missing)):
+            entry.starting += 1
+            task = asyncio.create_task(self._start_idle(key, entry, entry.spec))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _start_idle(self, key: str, entry: _Key, spec: JailSpec) -> None:
+        worker = Worker(self.config, spec, proxy_handler=self.proxy_handler)
+        try:
+            self.stats.started += 1
+            async with asyncio.timeout(spec.limits.timeout_s):
+                await worker.start()
+        except (TimeoutError, WorkerError):
+            await worker.aclose(kill=True)
+            return
+        finally:
+            entry.starting -= 1
+        if worker.alive and not self._closed and self._current.get(_fn(key)) == key:
+            worker.last_used = time.monotonic()
+            entry.idle.append(worker)
+            self.on_change(self.idle_workers)
+        else:
+            await worker.aclose()
+
     def _retire_old_versions(self, key: str) -> None:
         fn = _fn(key)
         old = self._current.get(fn)
@@ -165,7 +205,9 @@ class WarmPool:
         now = time.monotonic()
         for k, entry in list(self._keys.items()):
             for w in list(entry.idle):
-                if not w.alive or now - w.last_used > self.idle_s:
+                if not w.alive or (
+                    now - w.last_used > self.idle_s and len(entry.idle) > entry.min_idle
+                ):
                     entry.idle.remove(w)
                     if w.alive:
                         self.stats.evicted += 1
@@ -174,12 +216,15 @@ class WarmPool:
                     self._close_later(w)
             if not entry.idle and not entry.busy and self._current.get(_fn(k)) != k:
                 del self._keys[k]
+            else:
+                self._top_up(k, entry)  # replaces prewarmed workers that died
         self.on_change(self.idle_workers)
 
     def forget(self, function: str) -> None:
         """A function was deleted: drop its idle workers."""
         for k, entry in list(self._keys.items()):
             if _fn(k) == function:
+                entry.min_idle = 0
                 while entry.idle:
                     self._close_later(entry.idle.pop())
         self._current.pop(function, None)

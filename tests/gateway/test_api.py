@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import zipfile
@@ -341,3 +342,37 @@ async def test_buffered_bodies_have_a_global_budget(tmp_path: Path) -> None:
             r = await client.post("/fn/n", content=b"x" * 500)
             assert r.status_code == 200 and r.text == "500"
             assert gw.bodies.used == 0
+
+
+async def test_min_warm_workers_are_started_on_deploy(tmp_path: Path) -> None:
+    from gateway.app import create_app
+
+    from .conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", warm_min_workers=2)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            auth = {"Authorization": f"Bearer {settings.admin_key}"}
+            r = await client.put("/api/v1/functions/w", json={"source": HELLO, "public": True}, headers=auth)
+            assert r.status_code == 201
+            pool = app.state.gateway.pool
+            for _ in range(100):
+                if pool.idle_workers == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert pool.idle_workers == 2
+            r = await client.get("/fn/w")
+            inv = (await client.get(f"/api/v1/invocations/{r.headers['x-invocation-id']}", headers=auth)).json()
+            assert inv["start"] == "warm"
+            # a prewarmed worker that dies is replaced by the reaper
+            victim = next(iter(next(iter(pool._keys.values())).idle))
+            victim.proc.kill()
+            await victim.proc.wait()
+            pool.reap()
+            for _ in range(100):
+                if pool.idle_workers == 2 and all(w.alive for e in pool._keys.values() for w in e.idle):
+                    break
+                await asyncio.sleep(0.05)
+            assert pool.idle_workers == 2 and pool.stats.replaced >= 1
