@@ -15,7 +15,9 @@ Each round runs, in alternating order (so drift and caches hit both alike):
 The bare run drops to an otherwise unused uid (``--uid``): the runtime ends every
 invocation with ``kill(-1, SIGKILL)``, which inside a jail means "everything in this
 pid namespace" but on the host, as root, would mean every process on the machine.
-As a uid that owns nothing else it can only hit its own children.
+As a uid that owns nothing else it can only hit its own children. The uid is dropped
+with ``setpriv`` when present (a helper that execs the interpreter, as nsjail does),
+else with subprocess's ``user=``.
 
 Prints median and p90 of each, and the median of the per-round jail/bare ratios
 (issue 2's target: at most 1.5x).
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -107,12 +110,20 @@ async def run_bare(exe: str, bare: Path, spec: JailSpec, uid: int, i: int) -> fl
     host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fd = child.fileno()
     t0 = time.perf_counter()
+    argv = [exe, "-I", "-S", "-B", str(bare / "bootstrap.py"), str(fd), "handler:handler",
+            "once", str(MAX_BODY)]
+    setpriv = shutil.which("setpriv")
+    drop: dict[str, Any] = {}
+    if setpriv:
+        # Like nsjail: a small helper is spawned (vfork) and execs the interpreter.
+        argv = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
+    else:
+        drop = {"user": uid, "group": uid, "extra_groups": []}  # forces fork over vfork
     proc = await asyncio.create_subprocess_exec(
-        exe, "-I", "-S", "-B", str(bare / "bootstrap.py"), str(fd), "handler:handler",
-        "once", str(MAX_BODY),
+        *argv,
         cwd=str(bare), env={}, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        pass_fds=(fd,), user=uid, group=uid, extra_groups=[], start_new_session=True,
+        pass_fds=(fd,), start_new_session=True, **drop,
     )
     child.close()
     reader, writer = await asyncio.open_unix_connection(sock=host)
@@ -195,7 +206,9 @@ async def main() -> None:
         ratios = [j / b for j, b in zip(jail_ms, bare_ms, strict=True)]
         print(f"cold start, {args.n} interleaved rounds, interpreter {exe} "
               f"(Python {runner.config.interpreter.version}), {os.cpu_count()} CPUs")
-        print(f"cgroups v{runner.config.cgroups.version}, nsjail {runner.config.nsjail}")
+        print(f"cgroups v{runner.config.cgroups.version}, nsjail {runner.config.nsjail}; "
+              f"bare runs as uid {args.uid} via "
+              f"{'setpriv' if shutil.which('setpriv') else 'subprocess user='}")
         print()
         print(f"{'ms':<8} {'median':>8} {'p90':>8} {'min':>8} {'max':>8}")
         print(summary("jail", jail_ms))

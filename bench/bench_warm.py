@@ -209,6 +209,13 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+def _find(pattern: str, text: str) -> str:
+    m = re.search(pattern, text, re.M)
+    if m is None:
+        raise ValueError(f"wrk output without {pattern!r}:\n{text}")
+    return m.group(1)
+
+
 def run_wrk(url: str, conc: int, duration: float) -> tuple[float, float, float, int, int]:
     threads = min(conc, 2)
     out = subprocess.run(
@@ -216,10 +223,10 @@ def run_wrk(url: str, conc: int, duration: float) -> tuple[float, float, float, 
          "--latency", url],
         capture_output=True, text=True, check=True,
     ).stdout
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(_find(r"^\s+50%\s+(\S+)", out))
+    p99 = _ms(_find(r"^\s+99%\s+(\S+)", out))
+    rps = float(_find(r"Requests/sec:\s+([\d.]+)", out))
+    total = int(_find(r"(\d+) requests in", out))
     errors = 0
     m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     if m:

@@ -1,16 +1,15 @@
-"""cgroup v1 / v2 detection, parent cgroups, per-jail counters and cleanup.
+"""cgroup v1 / v2: detection, our parent cgroup, and the jails' reusable slots.
 
-nsjail creates one cgroup per jail, ``NSJAIL.<pid>`` (pid = the jailed
-process's host pid), under the parent we give it, applies the limits and
-removes it when the jail ends. We create the parents, read the jail's OOM and
-pids counters while it lives (to tell an OOM kill from any other SIGKILL), and
-remove what nsjail could not (nsjail itself SIGKILLed).
+Every jail runs in a slot cgroup under our parent (``nsfaas``): memory (with
+swap capped at zero), pids and a CPU share. The gateway, not nsjail, manages
+them: see SlotPool for why, and docs/jail.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,58 +31,173 @@ class Cgroups:
     def mount(self, controller: str) -> Path:
         return self.root / controller
 
-    def jail_dirs(self, pid: int) -> list[Path]:
-        name = f"NSJAIL.{pid}"
-        if self.version == 2:
-            return [self.root / name]
-        return [self.root / c / self.parent / name for c in CONTROLLERS]
 
-    def counters(self, pid: int) -> dict[str, int]:
-        """OOM kills and pids-limit hits of one live jail (0 when unreadable)."""
-        out = {"oom_kill": 0, "pids_max": 0}
-        if self.version == 2:
-            mem = self.root / f"NSJAIL.{pid}" / "memory.events"
-            pids = self.root / f"NSJAIL.{pid}" / "pids.events"
-        else:
-            mem = self.root / "memory" / self.parent / f"NSJAIL.{pid}" / "memory.oom_control"
-            pids = self.root / "pids" / self.parent / f"NSJAIL.{pid}" / "pids.events"
-        out["oom_kill"] = _read_key(mem, "oom_kill")
-        out["pids_max"] = _read_key(pids, "max")
+SLOT_PREFIX = "slot-"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLimits:
+    memory_bytes: int
+    pids: int
+    cpu_ms_per_sec: int
+
+
+class SlotPool:
+    """Reusable cgroups, one per live jail, created by us instead of by nsjail.
+
+    nsjail's own cgroup handling creates and removes a memory, pids and cpu
+    cgroup for every jail; on cgroup v1 the memory cgroup's removal alone
+    costs milliseconds with wide jitter. A slot is created once, configured
+    with a handful of writes per jail, and reused. The jail enters it by
+    inheritance: a tiny launcher writes its own pid into the slot's
+    ``cgroup.procs`` and then execs nsjail (see command.launcher()). Counters
+    (OOM kills, pids-limit hits) stay readable after the jail is gone.
+    """
+
+    def __init__(self, groups: Cgroups) -> None:
+        self.groups = groups
+        self._free: list[str] = []
+        self._next = 0
+        # Unique per pool: several pools (gateways, tests) may share a machine.
+        self._prefix = f"{SLOT_PREFIX}{os.getpid()}-{secrets.token_hex(3)}-"
+        self.busy: set[str] = set()
+
+    def dirs(self, name: str) -> list[Path]:
+        if self.groups.version == 2:
+            return [self.groups.root / name]
+        return [self.groups.root / c / self.groups.parent / name for c in CONTROLLERS]
+
+    def procs_files(self, name: str) -> list[Path]:
+        return [d / "cgroup.procs" for d in self.dirs(name)]
+
+    def acquire(self, limits: SlotLimits) -> str:
+        """A free slot configured for ``limits`` (blocking sysfs writes; call from a thread)."""
+        name = self._free.pop() if self._free else self._create()
+        try:
+            self._configure(name, limits)
+        except OSError:
+            self._remove(name)  # e.g. removed under us: start over with a new one
+            name = self._create()
+            self._configure(name, limits)
+        self.busy.add(name)
+        return name
+
+    def _create(self) -> str:
+        self._next += 1
+        name = f"{self._prefix}{self._next}"
+        for d in self.dirs(name):
+            d.mkdir(exist_ok=True)
+        return name
+
+    def _configure(self, name: str, lim: SlotLimits) -> None:
+        quota = lim.cpu_ms_per_sec * 100  # µs per 100 ms period
+        if self.groups.version == 2:
+            d = self.groups.root / name
+            _write(d / "memory.max", lim.memory_bytes)
+            _write(d / "memory.swap.max", 0)
+            _write(d / "pids.max", lim.pids)
+            _write(d / "cpu.max", f"{quota} 100000")
+            return
+        mem = self.groups.root / "memory" / self.groups.parent / name
+        # memsw must stay >= the memory limit at every step: open it, set, close.
+        memsw = mem / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            _write(memsw, -1)
+        _write(mem / "memory.limit_in_bytes", lim.memory_bytes)
+        if memsw.exists():
+            _write(memsw, lim.memory_bytes)  # memory + swap == memory: no swap
+        _write(mem / "memory.max_usage_in_bytes", 0)
+        _write(self.groups.root / "pids" / self.groups.parent / name / "pids.max", lim.pids)
+        cpu = self.groups.root / "cpu" / self.groups.parent / name
+        _write(cpu / "cpu.cfs_period_us", 100000)
+        _write(cpu / "cpu.cfs_quota_us", quota)
+
+    def counters(self, name: str) -> dict[str, int]:
+        """Cumulative OOM kills and pids-limit hits of a slot (compare before/after)."""
+        if self.groups.version == 2:
+            d = self.groups.root / name
+            return {
+                "oom_kill": _read_key(d / "memory.events", "oom_kill"),
+                "pids_max": _read_key(d / "pids.events", "max"),
+            }
+        base = self.groups.root
+        return {
+            "oom_kill": _read_key(
+                base / "memory" / self.groups.parent / name / "memory.oom_control", "oom_kill"
+            ),
+            "pids_max": _read_key(base / "pids" / self.groups.parent / name / "pids.events", "max"),
+        }
+
+    def peak_memory_bytes(self, name: str) -> int | None:
+        path = (
+            self.groups.root / name / "memory.peak"
+            if self.groups.version == 2
+            else self.groups.root
+            / "memory"
+            / self.groups.parent
+            / name
+            / "memory.max_usage_in_bytes"
+        )
+        try:
+            return int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def pids_in(self, name: str) -> list[int]:
+        out: list[int] = []
+        for f in self.procs_files(name):
+            with contextlib.suppress(OSError, ValueError):
+                out += [int(p) for p in f.read_text().split()]
         return out
 
-    def remove_jail(self, pid: int) -> None:
-        for d in self.jail_dirs(pid):
+    def release(self, name: str) -> None:
+        """Back to the free list once empty; a slot that still holds a process
+        (it never should) is emptied by SIGKILL first and otherwise removed later."""
+        self.busy.discard(name)
+        for pid in self.pids_in(name):
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+        if self.pids_in(name):
+            return  # the sweep at the next start-up removes it
+        self._free.append(name)
+
+    def _remove(self, name: str) -> None:
+        for d in self.dirs(name):
             with contextlib.suppress(OSError):
                 d.rmdir()
 
+    def close(self) -> None:
+        """Remove every free slot (graceful shutdown)."""
+        while self._free:
+            self._remove(self._free.pop())
+
     def sweep(self) -> int:
-        """Remove empty ``NSJAIL.*`` cgroups whose jail process no longer exists."""
+        """Remove empty slots of dead gateways and NSJAIL.* cgroups left by nsjail."""
         removed = 0
         parents = (
-            [self.root] if self.version == 2 else [self.root / c / self.parent for c in CONTROLLERS]
+            [self.groups.root]
+            if self.groups.version == 2
+            else [self.groups.root / c / self.groups.parent for c in CONTROLLERS]
         )
         for parent in parents:
             with contextlib.suppress(OSError):
                 for d in parent.iterdir():
-                    if not d.name.startswith("NSJAIL."):
+                    if not d.is_dir() or not d.name.startswith((SLOT_PREFIX, "NSJAIL.")):
                         continue
-                    pid = d.name.removeprefix("NSJAIL.")
-                    if pid.isdigit() and Path(f"/proc/{pid}").exists():
-                        continue
+                    if d.name.startswith(SLOT_PREFIX):
+                        owner = d.name.removeprefix(SLOT_PREFIX).split("-", 1)[0]
+                        if owner.isdigit() and Path(f"/proc/{owner}").exists():
+                            continue  # a live gateway's slot, free or busy
+
                     with contextlib.suppress(OSError):
                         d.rmdir()
                         removed += 1
         return removed
 
-    def nsjail_flags(self) -> list[str]:
-        if self.version == 2:
-            return ["--use_cgroupv2", "--cgroupv2_mount", str(self.root)]
-        flags = []
-        for c in CONTROLLERS:
-            opt = "mem" if c == "memory" else c  # nsjail's flag names
-            flags += [f"--cgroup_{opt}_mount", str(self.root / c)]
-            flags += [f"--cgroup_{opt}_parent", self.parent]
-        return flags
+
+def _write(path: Path, value: object) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
 
 
 def _read_key(path: Path, key: str) -> int:

@@ -9,20 +9,24 @@ are ever produced; nothing a tenant sends reaches this list unvalidated
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ._interp import Interpreter
-from .cgroups import Cgroups
+from .cgroups import Cgroups, SlotLimits, SlotPool
 from .limits import Limits
 
 JAIL_UID = 65534  # uid inside the jail
 RUNTIME_DST = "/opt/nsfaas"
 CODE_DST = "/function"
 PROXY_DST = "/run/nsfaas"
-# Enough for the runtime itself on top of the function's pids limit.
-RUNTIME_PIDS = 1
+# The jail's cgroup also holds nsjail (the launcher becomes nsjail) and the
+# runtime's zygote, on top of the function's own processes and threads.
+RUNTIME_PIDS = 2
+# nsjail's and the zygote's resident memory, on top of the function's limit.
+RUNTIME_MEMORY_MB = 16
 # A warm worker lives for many invocations; each child gets its own limits.
 WARM_LIFETIME_S = 24 * 3600
 
@@ -36,6 +40,8 @@ class JailConfig:
     interpreter: Interpreter
     runtime_dir: Path  # host dir holding bootstrap.py, _frames.py, nsfaas.py
     cgroups: Cgroups
+    slots: SlotPool
+    shell: Path = Path("/bin/sh")
     outside_uid: int = 65534
     outside_gid: int = 65534
 
@@ -62,10 +68,39 @@ def nsjail_time_limit(spec: JailSpec) -> int:
     return math.ceil(spec.limits.timeout_s) + 2
 
 
-def build_command(config: JailConfig, spec: JailSpec, *, ctl_fd: int, log_fd: int) -> list[str]:
+def slot_limits(spec: JailSpec) -> SlotLimits:
+    lim = spec.limits
+    return SlotLimits(
+        memory_bytes=(lim.memory_mb + RUNTIME_MEMORY_MB) * 1024 * 1024,
+        pids=lim.pids + RUNTIME_PIDS,
+        cpu_ms_per_sec=lim.cpu_ms_per_sec,
+    )
+
+
+# Joins the jail's cgroup(s) by writing its own pid, then becomes nsjail, so
+# every process of the jail is born inside the cgroup. Fixed text; the paths
+# and the nsjail command are positional arguments, never interpolated.
+LAUNCHER = 'echo $$ > "$1" && echo $$ > "$2" && echo $$ > "$3" && shift 3 && exec "$@"'
+
+
+def build_command(
+    config: JailConfig,
+    spec: JailSpec,
+    *,
+    ctl_fd: int,
+    log_fd: int,
+    cgroup_procs: Sequence[Path],
+) -> list[str]:
     lim = spec.limits
     interp = config.interpreter
+    procs = [str(p) for p in cgroup_procs]
+    procs += procs[-1:] * (3 - len(procs))  # v2 has one file: write it three times
     cmd = [
+        str(config.shell),
+        "-c",
+        LAUNCHER,
+        "nsfaas-launch",
+        *procs[:3],
         str(config.nsjail),
         "--config",
         str(config.base_cfg),
@@ -84,15 +119,6 @@ def build_command(config: JailConfig, spec: JailSpec, *, ctl_fd: int, log_fd: in
         str(lim.file_size_mb),
         "--rlimit_nofile",
         str(lim.open_files),
-        "--cgroup_mem_max",
-        str(lim.memory_mb * 1024 * 1024),
-        "--cgroup_mem_swap_max",
-        "0",
-        "--cgroup_pids_max",
-        str(lim.pids + RUNTIME_PIDS),
-        "--cgroup_cpu_ms_per_sec",
-        str(lim.cpu_ms_per_sec),
-        *config.cgroups.nsjail_flags(),
     ]
     for src, dst in interp.binds:
         cmd += ["--bindmount_ro", f"{src}:{dst}"]

@@ -129,7 +129,11 @@ class JailRunner:
         if not cfg.is_file():
             raise JailUnavailable(f"jail policy {cfg} not found (set NSFAAS_JAIL_CONFIG)")
         groups = cgroups.setup(cgroup_parent)
-        groups.sweep()
+        slots = cgroups.SlotPool(groups)
+        slots.sweep()
+        shell = shutil.which("sh") or "/bin/sh"
+        if not os.access(shell, os.X_OK):
+            raise JailUnavailable("no POSIX shell (sh) to launch jails into their cgroups")
         runtime = install_runtime(jail_dir)
         make_dir(jail_dir / "code")
         make_dir(jail_dir / "sock")
@@ -139,6 +143,8 @@ class JailRunner:
             interpreter=_interp.discover(python),
             runtime_dir=runtime,
             cgroups=groups,
+            slots=slots,
+            shell=Path(shell),
             outside_uid=uid,
             outside_gid=gid,
         )

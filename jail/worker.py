@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import cgroups as cg
-from .command import JailConfig, JailSpec, build_command
+from .command import JailConfig, JailSpec, build_command, slot_limits
 from .errors import WorkerError
 from .proxy import CallContext, HostProxy, ProxyHandler
 from .result import Ending, JailResult, LogEntry, decide, frame_usage, log_entry
@@ -114,6 +114,7 @@ class Worker:
         self._own = _Collector(spec.limits.log_bytes, spec.limits.log_lines)
         self._closed = False
         self._jail_pidfd: int | None = None
+        self.slot: str | None = None
 
     @property
     def nsjail_log(self) -> str:
@@ -141,10 +142,20 @@ class Worker:
             except OSError as exc:
                 raise WorkerError(f"cannot create the proxy socket: {exc}") from None
             self.spec = replace(self.spec, proxy_dir=self.proxy.dir)
+        try:
+            self.slot = await asyncio.to_thread(self.config.slots.acquire, slot_limits(self.spec))
+        except OSError as exc:
+            raise WorkerError(f"cannot prepare the jail's cgroup: {exc}") from None
         host, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_r, log_w = os.pipe()
         try:
-            cmd = build_command(self.config, self.spec, ctl_fd=jail.fileno(), log_fd=log_w)
+            cmd = build_command(
+                self.config,
+                self.spec,
+                ctl_fd=jail.fileno(),
+                log_fd=log_w,
+                cgroup_procs=self.config.slots.procs_files(self.slot),
+            )
             self.started_at = time.monotonic()
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -278,9 +289,9 @@ class Worker:
         )
 
     def _counters(self) -> dict[str, int]:
-        if self.jail_pid is None:
+        if self.slot is None:
             return {"oom_kill": 0, "pids_max": 0}
-        return self.config.cgroups.counters(self.jail_pid)
+        return self.config.slots.counters(self.slot)
 
     async def _read_frame(self, max_body: int) -> tuple[dict[str, Any], bytes]:
         assert self._reader is not None
@@ -357,12 +368,14 @@ class Worker:
                 signal.pidfd_send_signal(self._jail_pidfd, signal.SIGKILL)
             os.close(self._jail_pidfd)
             self._jail_pidfd = None
-        if self.jail_pid is not None:
-            for _ in range(50):
-                self.config.cgroups.remove_jail(self.jail_pid)
-                if not any(d.exists() for d in self.config.cgroups.jail_dirs(self.jail_pid)):
+        if self.slot is not None:
+            # Dying processes leave the cgroup a moment after their parent saw them go.
+            for _ in range(100):
+                if not self.config.slots.pids_in(self.slot):
                     break
                 await asyncio.sleep(0.01)
+            self.config.slots.release(self.slot)
+            self.slot = None
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=CLOSE_GRACE_S)
             for task in pending:

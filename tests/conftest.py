@@ -30,6 +30,7 @@ def runner() -> Iterator[JailRunner]:
         r = JailRunner.create(jail_dir=jail_dir)
         asyncio.run(r.self_check())
         yield r
+        r.config.slots.close()  # the free slot cgroups of this session
     finally:
         shutil.rmtree(jail_dir, ignore_errors=True)
 

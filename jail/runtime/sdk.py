@@ -7,15 +7,19 @@ the ``Response`` type and the conversion of a return value into a frame.
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
-import socket
 import struct
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
-from urllib.parse import parse_qs
+
+# Every import here is paid by every cold start: socket, threading, typing,
+# collections.abc and urllib.parse are loaded only where they are used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Iterator, Mapping
+    from typing import Any
 
 __all__ = [
     "Context",
@@ -31,8 +35,8 @@ __all__ = [
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-class Headers(Mapping[str, str]):
-    """Case-insensitive, read-only view of request headers (first value wins)."""
+class Headers:
+    """Case-insensitive, read-only mapping of request headers (first value wins)."""
 
     def __init__(self, items: list[tuple[str, str]]) -> None:
         self._items = list(items)
@@ -49,6 +53,21 @@ class Headers(Mapping[str, str]):
     def __len__(self) -> int:
         return len(self._map)
 
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._map
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self._map.get(key.lower(), default)
+
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def values(self) -> list[str]:
+        return list(self._map.values())
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._map.items())
+
     def get_all(self, key: str) -> list[str]:
         return [v for k, v in self._items if k.lower() == key.lower()]
 
@@ -64,10 +83,23 @@ class Request:
         self.path: str = meta.get("path", "/")
         self.path_params: dict[str, str] = dict(meta.get("path_params") or {})
         self.query_string: str = meta.get("query_string", "")
-        self.query_all: dict[str, list[str]] = parse_qs(self.query_string, keep_blank_values=True)
-        self.query: dict[str, str] = {k: v[0] for k, v in self.query_all.items()}
+        self._query_all: dict[str, list[str]] | None = None
         self.headers = Headers([(str(k), str(v)) for k, v in meta.get("headers") or []])
         self.body: bytes = body
+
+    @property
+    def query_all(self) -> dict[str, list[str]]:
+        """Every value of every query parameter."""
+        if self._query_all is None:
+            from urllib.parse import parse_qs
+
+            self._query_all = parse_qs(self.query_string, keep_blank_values=True)
+        return self._query_all
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The first value of each query parameter."""
+        return {k: v[0] for k, v in self.query_all.items()}
 
     def text(self) -> str:
         return self.body.decode("utf-8", errors="replace")
@@ -123,7 +155,7 @@ class _Proxy:
     def __init__(self, path: str) -> None:
         self._path = path
         self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._next = 0
 
     def call(self, op: str, body: bytes = b"", **params: Any) -> tuple[dict[str, Any], bytes]:
@@ -131,6 +163,8 @@ class _Proxy:
             if self._sock is None:
                 if not os.path.exists(self._path):
                     raise ProxyError("proxy_unavailable", "no host proxy in this jail")
+                import socket
+
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self._sock.connect(self._path)
             self._next += 1
@@ -216,7 +250,7 @@ class Logger:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def _emit(self, level: str, message: Any, fields: dict[str, Any]) -> None:
         line = {"level": level, "message": str(message), "fields": fields, "ts": time.time()}

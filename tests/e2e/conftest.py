@@ -354,14 +354,20 @@ def orphaned_jail_processes(owner: int) -> dict[int, str]:
     return found
 
 
-def jail_cgroups() -> set[Path]:
-    """Every ``NSJAIL.*`` cgroup under our v1 parent, all controllers."""
+def jail_cgroups(prefixes: tuple[str, ...] = ("NSJAIL.", "slot-")) -> set[Path]:
+    """Per-jail cgroups under our v1 parent, all controllers: nsjail's own
+    ``NSJAIL.<pid>`` and the gateway's reusable ``slot-<gateway pid>-...``."""
     found: set[Path] = set()
     for c in CONTROLLERS:
         parent = CGROUP_V1 / c / CGROUP_PARENT
         with contextlib.suppress(OSError):
-            found |= {d for d in parent.iterdir() if d.name.startswith("NSJAIL.")}
+            found |= {d for d in parent.iterdir() if d.is_dir() and d.name.startswith(prefixes)}
     return found
+
+
+def gateway_cgroups(gateway_pid: int) -> set[Path]:
+    """The slot cgroups a gateway process created (named after its pid)."""
+    return jail_cgroups((f"slot-{gateway_pid}-",))
 
 
 class ProcessWatch:
@@ -425,6 +431,7 @@ __all__ = [
     "auth",
     "descendants",
     "e2e_settings",
+    "gateway_cgroups",
     "jail_cgroups",
     "orphaned_jail_processes",
     "short_tmp",

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
 from .conftest import (
     GatewayProcess,
@@ -27,10 +27,10 @@ from .conftest import (
     ProcessWatch,
     StartLive,
     auth,
+    gateway_cgroups,
     jail_cgroups,
     orphaned_jail_processes,
     short_tmp,
-    start_time,
     wait_for,
 )
 
@@ -115,18 +115,18 @@ async def test_fifty_simultaneous_invocations_of_two_functions(start_live: Start
         await live.deploy(c, "echo-a", ECHO_A, public=True)
         await live.deploy(c, "echo-b", ECHO_B, public=True)
 
-        async def call(i: int) -> tuple[int, httpx.Response]:
+        async def call(i: int) -> tuple[int, httpx.Response, str, str]:
             rid = f"{i}-{uuid.uuid4().hex}"
             payload = f"payload-{rid}" * (1 + i % 7)
             if i % 2:
                 r = await c.post("/fn/echo-a", params={"rid": rid}, content=payload)
             else:
                 r = await c.post("/fn/echo-b", headers={"X-Rid": rid}, content=payload)
-            return i, r, rid, payload  # type: ignore[return-value]
+            return i, r, rid, payload
 
         results = await asyncio.gather(*(call(i) for i in range(50)))
         ids = set()
-        for i, r, rid, payload in results:  # type: ignore[misc]
+        for i, r, rid, payload in results:
             assert r.status_code in (200, 201), (i, r.status_code, r.text)
             inv = r.headers["x-invocation-id"]
             ids.add(inv)
@@ -267,12 +267,18 @@ async def test_sigkill_mid_upload_leaves_only_complete_functions(
         assert code == -signal.SIGKILL
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(o is None for o in outcomes), outcomes
+    # Nothing the killed gateway started outlives it for long (a jail exits on EOF).
+    assert await wait_for(lambda: not orphaned_jail_processes(gw.pid), 5.0), (
+        orphaned_jail_processes(gw.pid)
+    )
 
     assert _integrity(data_dir / "nsfaas.db") == "ok"
     assert _torn_blobs(data_dir / "blobs") == []
 
     gw2 = gateway_procs(data_dir)
     await gw2.start()
+    # The new gateway swept the cgroups the killed one could not remove.
+    assert gateway_cgroups(gw.pid) == set()
     async with httpx.AsyncClient(base_url=gw2.url, headers=auth(), timeout=60) as c:
         r = await c.get("/api/v1/functions")
         assert r.status_code == 200
@@ -316,8 +322,13 @@ async def test_sigkill_mid_upload_leaves_only_complete_functions(
 # -- 5. graceful shutdown --------------------------------------------------------------------
 
 
-def _cgroup_pid(path: Path) -> int:
-    return int(path.name.removeprefix("NSJAIL."))
+def _ours(path: Path, gateway_pid: int, seen: dict[int, int | None]) -> bool:
+    """A per-jail cgroup of this gateway: one of its slots, or nsjail's own cgroup
+    of a jail seen among its descendants. (Other programs on the machine, other
+    test sessions included, have theirs: those are not this test's business.)"""
+    if path.name.startswith("slot-"):
+        return path.name.startswith(f"slot-{gateway_pid}-")
+    return int(path.name.removeprefix("NSJAIL.")) in seen
 
 
 async def test_sigterm_finishes_in_flight_and_leaves_nothing_behind(
@@ -340,10 +351,18 @@ async def test_sigterm_finishes_in_flight_and_leaves_nothing_behind(
             await asyncio.sleep(0.4)
             assert not in_flight.done()
             gw.signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            with pytest.raises(httpx.TransportError):  # no longer accepting
-                async with httpx.AsyncClient(base_url=gw.url, timeout=2) as fresh:
-                    await fresh.get("/healthz")
+
+            async def refused() -> bool:
+                try:
+                    async with httpx.AsyncClient(base_url=gw.url, timeout=1) as fresh:
+                        await fresh.get("/healthz")
+                except httpx.TransportError:
+                    return True
+                return False
+
+            # It stops accepting new connections while the old request still runs.
+            assert await wait_for(refused, 3.0)
+            assert not in_flight.done()
             r = await in_flight
             assert r.status_code == 200, r.text
             assert r.json() == {"slept": True}
@@ -356,11 +375,8 @@ async def test_sigterm_finishes_in_flight_and_leaves_nothing_behind(
     assert orphaned_jail_processes(gw.pid) == {}
 
     def leaked() -> set[Path]:
-        return {
-            d
-            for d in jail_cgroups() - cgroups_before
-            if _cgroup_pid(d) in watch.seen or start_time(_cgroup_pid(d)) is None
-        }
+        fresh = jail_cgroups() - cgroups_before
+        return {d for d in fresh if _ours(d, gw.pid, watch.seen)}
 
     assert await wait_for(lambda: not leaked(), 3.0), leaked()
 
@@ -618,14 +634,17 @@ async def _malformed_inputs(live: Live) -> OpenApi:
         await send(FN, "put", f"{F}/target", "xml", content=b"<x/>",
                    headers={"Content-Type": "application/xml"})
 
-        for body in [None, [], {"version": "1"}, {"version": -HUGE}, {"version": 0},
-                     {"version": 1.5}, {"version": True}, {"version": None}, {"version": 99},
-                     {"v": 1}]:
-            await send(RB, "post", f"{F}/target/rollback", f"json {body}", json=body)
+        rollback_bodies: list[Any] = [
+            None, [], {"version": "1"}, {"version": HUGE}, {"version": -HUGE}, {"version": 0},
+            {"version": 1.5}, {"version": True}, {"version": None}, {"version": 99}, {"v": 1},
+        ]
+        for doc in rollback_bodies:
+            await send(RB, "post", f"{F}/target/rollback", f"json {doc}", json=doc)
         for raw in [b"", b"{", b"\xff"]:
             await send(RB, "post", f"{F}/target/rollback", f"raw {raw!r}", content=raw,
                        headers=json_ct)
-        for query in ["version=abc", "version=-1", "version="]:
+        for query in ["version=abc", "version=-1", "version=", f"version={HUGE}",
+                      f"version={SUPERSCRIPT_TWO}"]:
             await send(RB, "post", f"{F}/target/rollback?{query}", f"?{query}")
 
         bad_queries = [
@@ -667,16 +686,11 @@ async def test_openapi_malformed_inputs_never_5xx(live: Live) -> None:
     assert problems == [], "\n".join(problems)
 
 
-@pytest.mark.xfail(
-    reason="gateway/openapi.py omits 400 (bad name) on DELETE /functions/{name} and 413 "
-    "(body over 4 KiB) on POST /tenants"
-)
 async def test_openapi_documents_every_status_answered(live: Live) -> None:
     api = await _malformed_inputs(live)
     assert api.problems == [], "\n".join(api.problems)
 
 
-@pytest.mark.xfail(reason="gateway/api_functions.py rollback: OverflowError from SQLite -> 500")
 @pytest.mark.parametrize(
     ("body", "query"),
     [({"version": HUGE}, ""), (None, f"?version={HUGE}"), (None, f"?version={SUPERSCRIPT_TWO}")],

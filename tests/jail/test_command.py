@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from jail import JailConfig, JailRunner, JailSpec, Limits, build_command
+from jail import JailConfig, JailRunner, JailSpec, Limits
+from jail import build_command as _build_command
 from jail._interp import Interpreter
-from jail.cgroups import Cgroups
-from jail.command import nsjail_time_limit
+from jail.cgroups import Cgroups, SlotLimits, SlotPool
+from jail.command import LAUNCHER, nsjail_time_limit, slot_limits
 from tests.jailtest import GOOD, Deploy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,13 +37,30 @@ CONFIG = JailConfig(
     interpreter=INTERP,
     runtime_dir=Path("/srv/jail/runtime"),
     cgroups=V1,
+    slots=SlotPool(V1),
+    shell=Path("/bin/sh"),
 )
+SLOT = "slot-1-abc-1"
+V1_PROCS = [Path(f"/sys/fs/cgroup/{c}/nsfaas/{SLOT}/cgroup.procs") for c in ("memory", "pids", "cpu")]
+
+
+def build_command(config: JailConfig, spec: JailSpec, *, ctl_fd: int, log_fd: int,
+                  cgroup_procs: list[Path] = V1_PROCS) -> list[str]:
+    return _build_command(config, spec, ctl_fd=ctl_fd, log_fd=log_fd, cgroup_procs=cgroup_procs)
+
 LIMITS = Limits(timeout_s=2.5, memory_mb=96, pids=10, cpu_ms_per_sec=500, file_size_mb=4,
                 open_files=50, request_bytes=1000)
 SPEC = JailSpec(code_dir=Path("/srv/jail/code/abc"), entrypoint="handler:handler",
                 limits=LIMITS, proxy_dir=Path("/srv/jail/sock/p1"))
 
 GOLDEN = [
+    # the launcher joins the slot's cgroups (v1: memory, pids, cpu), then becomes nsjail
+    "/bin/sh", "-c",
+    'echo $$ > "$1" && echo $$ > "$2" && echo $$ > "$3" && shift 3 && exec "$@"',
+    "nsfaas-launch",
+    "/sys/fs/cgroup/memory/nsfaas/slot-1-abc-1/cgroup.procs",
+    "/sys/fs/cgroup/pids/nsfaas/slot-1-abc-1/cgroup.procs",
+    "/sys/fs/cgroup/cpu/nsfaas/slot-1-abc-1/cgroup.procs",
     "/opt/nsjail",
     "--config", "/srv/nsjail.cfg",
     "--log_fd", "9",
@@ -51,13 +70,6 @@ GOLDEN = [
     "--rlimit_cpu", "5",
     "--rlimit_fsize", "4",
     "--rlimit_nofile", "50",
-    "--cgroup_mem_max", str(96 * 1024 * 1024),
-    "--cgroup_mem_swap_max", "0",
-    "--cgroup_pids_max", "11",
-    "--cgroup_cpu_ms_per_sec", "500",
-    "--cgroup_mem_mount", "/sys/fs/cgroup/memory", "--cgroup_mem_parent", "nsfaas",
-    "--cgroup_pids_mount", "/sys/fs/cgroup/pids", "--cgroup_pids_parent", "nsfaas",
-    "--cgroup_cpu_mount", "/sys/fs/cgroup/cpu", "--cgroup_cpu_parent", "nsfaas",
     "--bindmount_ro", "/usr/bin/python3.11:/usr/bin/python3",
     "--bindmount_ro", "/usr/lib/python3.11:/usr/lib/python3.11",
     "--bindmount_ro",
@@ -77,10 +89,10 @@ GOLDEN = [
 
 
 def _flags(cmd: list[str]) -> list[tuple[str, str]]:
-    """(flag, value) pairs between --config and --."""
+    """(flag, value) pairs of nsjail, from --config to --."""
     end = cmd.index("--")
     pairs = []
-    i = 1
+    i = cmd.index("--config")
     while i < end:
         assert cmd[i].startswith("--"), f"value without a flag at {i}: {cmd[i]!r}"
         pairs.append((cmd[i], cmd[i + 1]))
@@ -94,8 +106,8 @@ def test_golden_command() -> None:
 
 def test_config_comes_first_so_every_per_jail_flag_overrides_it() -> None:
     cmd = build_command(CONFIG, SPEC, ctl_fd=7, log_fd=9)
-    assert cmd[0] == "/opt/nsjail"
-    assert cmd[1:3] == ["--config", "/srv/nsjail.cfg"]
+    i = cmd.index("/opt/nsjail")
+    assert cmd[i + 1 : i + 3] == ["--config", "/srv/nsjail.cfg"]
     flags = _flags(cmd)
     assert [f for f, _ in flags].count("--config") == 1
 
@@ -133,19 +145,28 @@ def test_every_bind_is_read_only_and_nothing_else_is_mounted_writable() -> None:
         assert ":tmpfs:" in value and "size=" in value and "nr_inodes=" in value
 
 
-def test_cgroup_flags_v1_and_v2() -> None:
-    flags = _flags(build_command(CONFIG, SPEC, ctl_fd=7, log_fd=9))
-    assert ("--cgroup_mem_swap_max", "0") in flags
-    assert not any(f.startswith("--use_cgroupv2") for f, _ in flags)
+def test_cgroups_are_the_gateways_slots_not_nsjails() -> None:
+    """nsjail gets no cgroup flag: the launcher puts nsjail itself in the slot."""
+    cmd = build_command(CONFIG, SPEC, ctl_fd=7, log_fd=9)
+    assert not any(a.startswith("--cgroup") or a == "--use_cgroupv2" for a in cmd)
+    assert cmd[:4] == ["/bin/sh", "-c", LAUNCHER, "nsfaas-launch"]
+    assert cmd[4:7] == [str(p) for p in V1_PROCS]
     v2 = Cgroups(version=2, parent="nsfaas", root=Path("/sys/fs/cgroup/nsfaas"))
     cfg2 = JailConfig(nsjail=Path("/n"), base_cfg=Path("/c"), interpreter=INTERP,
-                      runtime_dir=Path("/r"), cgroups=v2)
-    cmd2 = build_command(cfg2, SPEC, ctl_fd=7, log_fd=9)
-    assert "--use_cgroupv2" in cmd2
-    i = cmd2.index("--cgroupv2_mount")
-    assert cmd2[i + 1] == "/sys/fs/cgroup/nsfaas"
-    assert not any(a.startswith("--cgroup_mem_mount") for a in cmd2)
-    assert "--cgroup_mem_max" in cmd2 and "--cgroup_pids_max" in cmd2
+                      runtime_dir=Path("/r"), cgroups=v2, slots=SlotPool(v2),
+                      shell=Path("/bin/sh"))
+    procs2 = SlotPool(v2).procs_files(SLOT)
+    assert procs2 == [Path(f"/sys/fs/cgroup/nsfaas/{SLOT}/cgroup.procs")]
+    cmd2 = build_command(cfg2, SPEC, ctl_fd=7, log_fd=9, cgroup_procs=procs2)
+    assert cmd2[4:7] == [str(procs2[0])] * 3  # v2: one file, written three times
+    assert cmd2[7] == "/n"
+    assert SlotPool(V1).procs_files(SLOT) == V1_PROCS
+
+
+def test_slot_limits_come_from_the_function_limits() -> None:
+    # the slot also holds nsjail and the zygote: their memory and two pids on top
+    assert slot_limits(SPEC) == SlotLimits(memory_bytes=(96 + 16) * 1024 * 1024, pids=12,
+                                           cpu_ms_per_sec=500)
 
 
 def test_pass_fd_is_the_control_fd_and_the_argv_is_fixed() -> None:
@@ -171,15 +192,13 @@ def _nsjail_log(runner: JailRunner, cfg: Path, deploy: Deploy, program: list[str
     """Run ``program`` in a jail built exactly as jail/ builds it, with ``cfg``."""
     spec = JailSpec(code_dir=deploy(GOOD), entrypoint="handler:handler",
                     limits=Limits(timeout_s=5))
-    config = JailConfig(
-        nsjail=runner.config.nsjail, base_cfg=cfg, interpreter=runner.config.interpreter,
-        runtime_dir=runner.config.runtime_dir, cgroups=runner.config.cgroups,
-    )
+    config = replace(runner.config, base_cfg=cfg)
     log_r, log_w = os.pipe()
     ctl = os.open("/dev/null", os.O_RDWR)
     try:
         cmd = build_command(config, spec, ctl_fd=ctl, log_fd=log_w)
-        cmd = cmd[: cmd.index("--") + 1] + program
+        # nsjail alone (no launcher, so no cgroup): only the cfg is under test here.
+        cmd = cmd[cmd.index(str(config.nsjail)) : cmd.index("--") + 1] + program
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
                               pass_fds=(ctl, log_w), check=False)
         os.close(log_w)

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from jail import Limits
+from jail.result import Ending, decide
 from jail.runtime import _frames
 from tests.jailtest import Jail, body_json, describe, invocation
 
@@ -357,3 +358,45 @@ def handler(request, ctx):
         r = await fn(body)
         assert (r.outcome, r.body) == ("ok", b"from the handler"), describe(r)
     await fn.assert_recovers()
+
+
+# ---- decide(): the one place an ending becomes an outcome (pure) --------------
+
+
+@pytest.mark.parametrize(
+    ("done", "body", "expected"),
+    [
+        # RLIMIT_CPU's SIGXCPU while the rusage total lags behind (busy machine)
+        ({"exit_code": -24, "cpu_ms": 880.0}, b"", ("timeout", "cpu_time")),
+        # a function that sends itself SIGXCPU has not used its CPU time
+        ({"exit_code": -24, "cpu_ms": 10.0}, b"", ("killed", None)),
+        ({"exit_code": -9, "cpu_ms": 2100.0}, b"", ("timeout", "cpu_time")),
+        ({"exit_code": -9, "cpu_ms": 10.0}, b"", ("killed", None)),
+        ({"exit_code": -40, "cpu_ms": 1.0}, b"", ("killed", None)),  # a real-time signal
+        ({"exit_code": 0}, b"\x00", ("error", None)),  # shorter than a frame prefix
+        ({"exit_code": 0}, b"\xff" * 12, ("error", None)),
+        ({"exit_code": 0}, _frames.encode({"kind": "ok", "status": 200, "headers": []}, b"x")[:-1],
+         ("error", None)),
+        ({"exit_code": 0}, _frames.PREFIX.pack(2, 0) + b"[]", ("error", None)),
+        ({"exit_code": 0}, _frames.encode({"kind": "ok", "status": 200, "headers": "x"}),
+         ("bad_response", None)),
+        ({"exit_code": 0}, _frames.encode({"kind": "surprise"}), ("bad_response", None)),
+        ({"exit_code": 3}, b"", ("error", None)),
+    ],
+)
+def test_decide(done: dict[str, object], body: bytes, expected: tuple[str, str | None]) -> None:
+    end = Ending(limits=Limits(timeout_s=1, cpu_s=1), done={"op": "done", **done},
+                 result_body=body)
+    fields = decide(end)
+    assert (fields["outcome"], fields.get("limit_name")) == expected, fields
+
+
+@pytest.mark.parametrize(
+    ("nsjail_exit", "expected"),
+    [(137, ("oom", "memory")), (1, ("killed", None)), (None, ("killed", None))],
+)
+def test_decide_runtime_gone(nsjail_exit: int | None, expected: tuple[str, str | None]) -> None:
+    """No done frame: the runtime (pid 1) died. SIGKILLed pid 1 means the OOM killer."""
+    end = Ending(limits=Limits(), done=None, nsjail_exit=nsjail_exit)
+    fields = decide(end)
+    assert (fields["outcome"], fields.get("limit_name")) == expected
