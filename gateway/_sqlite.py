@@ -344,6 +344,13 @@ class SqliteStore(Store):
             )
         )
 
+    async def last_log_id(self) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            row = c.execute("SELECT coalesce(max(id), 0) FROM logs").fetchone()
+            return int(row[0])
+
+        return await self._read(op)
+
     async def logs_after(
         self,
         *,

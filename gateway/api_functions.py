@@ -305,11 +305,7 @@ async def rollback(gw: Gateway, request: Request) -> Response:
     if version is None:
         raw = request.query_params.get("version")
         version = int(raw) if raw and raw.isascii() and raw.isdigit() and len(raw) < 12 else None
-    if (
-        isinstance(version, bool)
-        or not isinstance(version, int)
-        or not 1 <= version <= 2**31 - 1
-    ):
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 2**31 - 1:
         raise ApiError(400, "invalid_version", 'give the version to roll back to: {"version": N}')
     try:
         await gw.store.get_function(tenant, name)

@@ -162,8 +162,7 @@ async def _follow(
     gw: Gateway, request: Request, tenant: str, name: str, level: str | None, text: str | None
 ) -> AsyncIterator[str]:
     """SSE: lines stored after the client connected, until it leaves."""
-    latest, _ = await gw.store.query_logs(tenant_id=tenant, function=name, limit=1)
-    after = latest[0].id if latest else 0
+    after = await gw.store.last_log_id()  # ids only grow: everything newer is "after"
     seen = gw.logbus.generation
     yield ": following\n\n"
     while not gw.logbus.closed:

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from jail import JailRunner, JailUnavailable, choose_jail_dir
 from jail.pool import WarmPool
@@ -110,6 +110,7 @@ class Gateway:
         self.proxy = ProxyService(self)
         if self.runner is not None:
             self.runner.proxy_handler = self.proxy.handle
+            self.runner.proxy_rate_per_s = s.proxy_rate_per_s
         if self.runner is not None and s.warm:
             self.pool = WarmPool(
                 self.runner.config,
@@ -118,6 +119,7 @@ class Gateway:
                 memory_budget_mb=s.warm_memory_budget_mb,
                 on_change=lambda n: self.metrics.warm_workers.set(n),
                 proxy_handler=self.proxy.handle,
+                proxy_rate_per_s=s.proxy_rate_per_s,
             )
             self.pool.start()
         self.invoker = Invoker(
@@ -162,6 +164,8 @@ class Gateway:
             await self.pool.aclose()
         if self.proxy is not None:
             await self.proxy.aclose()
+        if self.runner is not None:
+            await self.runner.aclose()
         await self.store.aclose()
 
 
@@ -196,6 +200,8 @@ def create_app(settings: Settings) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         gw.metrics.queued.set(gw.scheduler.queued)
+        if gw.pool is not None:
+            gw.metrics.sync_pool(gw.pool.stats.replaced)
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def invoke_named(request: Request) -> Response:
@@ -213,6 +219,13 @@ def create_app(settings: Settings) -> Starlette:
 
     async def invoke_declared(request: Request) -> Response:
         path = request.url.path
+        if path.startswith(RESERVED):
+            # A known API path with another method is a 405, not "no route".
+            for route in app.routes[:-1]:
+                found, _ = route.matches(request.scope)
+                if found == Match.PARTIAL:
+                    raise HTTPException(405, f"{request.method} is not allowed on {path}")
+            raise HTTPException(404, f"no API route {path}")
         match = gw.routes.match(request.method, path)
         if match is None:
             raise HTTPException(404, f"no route for {request.method} {path}")

@@ -280,6 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except httpx.HTTPError as exc:
         sys.stderr.write(f"nsfaas: cannot reach {args.url}: {exc}\n")
         return 1
+    except BrokenPipeError:
+        # `nsfaas logs NAME | head`: the reader left; exit quietly like other tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import logging
 import sys
 
 import structlog
+import structlog.tracebacks
 
 
 def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
@@ -30,7 +31,10 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.dict_tracebacks
+            # Never locals: they would put request headers, keys and settings in the logs.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
             if as_json
             else structlog.processors.format_exc_info,
             renderer,

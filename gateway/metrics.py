@@ -43,3 +43,10 @@ class Metrics:
             "Warm workers that died and were replaced",
             registry=self.registry,
         )
+        self._replacements_seen = 0
+
+    def sync_pool(self, replaced: int) -> None:
+        """Carry the pool's own replacement count into the counter."""
+        if replaced > self._replacements_seen:
+            self.worker_crashes.inc(replaced - self._replacements_seen)
+            self._replacements_seen = replaced

@@ -161,6 +161,12 @@ class ProxyService:
         fields = params.get("fields", {})
         if level not in LOG_LEVELS or not isinstance(message, str) or not isinstance(fields, dict):
             raise ProxyCallError("bad_request", "log needs level, message and fields")
+        # The same per-invocation caps as the log pipe: count here, refuse past them.
+        lines = int(ctx.extra.get("log_lines", 0)) + 1
+        size = int(ctx.extra.get("log_bytes", 0)) + len(message)
+        if lines > self.gw.settings.max_log_lines or size > self.gw.settings.max_log_bytes:
+            raise ProxyCallError("log_limit", "this invocation's log limit is reached")
+        ctx.extra["log_lines"], ctx.extra["log_bytes"] = lines, size
         await self.gw.store.append_logs(
             [
                 NewLogLine(

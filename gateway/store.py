@@ -478,6 +478,10 @@ class Store(abc.ABC):
         """Newest first with a cursor. `q`: every word must occur in the message."""
 
     @abc.abstractmethod
+    async def last_log_id(self) -> int:
+        """Id of the newest stored line of any function (0 if none): a live tail starts here."""
+
+    @abc.abstractmethod
     async def logs_after(
         self,
         *,

@@ -8,6 +8,7 @@ them: see SlotPool for why, and docs/jail.md.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from dataclasses import dataclass
@@ -212,13 +213,31 @@ def _read_key(path: Path, key: str) -> int:
     return 0
 
 
+def _own_v2_cgroup(mount: Path) -> Path:
+    """The cgroup this process lives in (``0::/path`` in /proc/self/cgroup):
+    under systemd ``Delegate=yes`` or in a container, that subtree is ours."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return mount
+    for line in lines:
+        if line.startswith("0::"):
+            rel = line[3:].strip().lstrip("/")
+            return mount / rel if rel else mount
+    return mount
+
+
 def _v2_root() -> Path | None:
-    for cand in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-        ctl = cand / "cgroup.controllers"
-        if ctl.exists():
-            have = set(ctl.read_text().split())
-            if {"memory", "pids", "cpu"} <= have:
-                return cand
+    """Our own cgroup v2 directory, if memory, pids and cpu are available in it."""
+    for mount in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        if not (mount / "cgroup.controllers").exists():
+            continue
+        own = _own_v2_cgroup(mount)
+        for cand in (own, mount):
+            with contextlib.suppress(OSError):
+                have = set((cand / "cgroup.controllers").read_text().split())
+                if {"memory", "pids", "cpu"} <= have:
+                    return cand
     return None
 
 
@@ -259,7 +278,19 @@ def _setup_v2(root: Path, parent: str) -> Cgroups:
     want = "+memory +pids +cpu"
     d = root / parent
     try:
-        (root / "cgroup.subtree_control").write_text(want)
+        try:
+            (root / "cgroup.subtree_control").write_text(want)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            # "No internal processes": a cgroup that hands controllers to its
+            # children may not hold processes itself. Move ours to a leaf.
+            leaf = root / "gateway"
+            leaf.mkdir(exist_ok=True)
+            for pid in (root / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (leaf / "cgroup.procs").write_text(pid)
+            (root / "cgroup.subtree_control").write_text(want)
         d.mkdir(exist_ok=True)
         (d / "cgroup.subtree_control").write_text(want)
     except OSError as exc:

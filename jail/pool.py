@@ -56,7 +56,9 @@ class WarmPool:
         memory_budget_mb: int = 2048,
         on_change: Callable[[int], None] = lambda n: None,
         proxy_handler: ProxyHandler | None = None,
+        proxy_rate_per_s: float = 200.0,
     ) -> None:
+        self.proxy_rate_per_s = proxy_rate_per_s
         self.config = config
         self.proxy_handler = proxy_handler
         self.max_idle_per_key = max_idle_per_key
@@ -95,7 +97,12 @@ class WarmPool:
         try:
             if worker is None:
                 kind = "cold"
-                worker = Worker(self.config, spec, proxy_handler=self.proxy_handler)
+                worker = Worker(
+                    self.config,
+                    spec,
+                    proxy_handler=self.proxy_handler,
+                    proxy_rate_per_s=self.proxy_rate_per_s,
+                )
                 self.stats.started += 1
                 try:
                     async with asyncio.timeout(spec.limits.timeout_s):
@@ -114,7 +121,8 @@ class WarmPool:
                     )
             else:
                 self.stats.reused += 1
-            result = await worker.invoke(inv, start=kind)
+            deadline = t0 + spec.limits.timeout_s if kind == "cold" else None
+            result = await worker.invoke(inv, start=kind, deadline=deadline)
         finally:
             entry.busy -= 1
         if worker.alive and self._current.get(_fn(key)) == key and not self._closed:
@@ -150,7 +158,12 @@ class WarmPool:
             task.add_done_callback(self._closing.discard)
 
     async def _start_idle(self, key: str, entry: _Key, spec: JailSpec) -> None:
-        worker = Worker(self.config, spec, proxy_handler=self.proxy_handler)
+        worker = Worker(
+            self.config,
+            spec,
+            proxy_handler=self.proxy_handler,
+            proxy_rate_per_s=self.proxy_rate_per_s,
+        )
         try:
             self.stats.started += 1
             async with asyncio.timeout(spec.limits.timeout_s):

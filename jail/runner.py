@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from .worker import Invocation, Worker
 
 RUNTIME_SRC = Path(__file__).parent / "runtime"
 REPO_CFG = Path(__file__).resolve().parent.parent / "nsjail.cfg"
+# The repository's copy (editable installs, make run), then the installed one.
+POLICY_CANDIDATES = (REPO_CFG, Path(sys.prefix) / "share" / "nsfaas" / "nsjail.cfg")
 SELF_CHECK_SOURCE = b"def handler(request, ctx):\n    return {'ok': True}\n"
 
 
@@ -105,6 +108,7 @@ class JailRunner:
         self.jail_dir = jail_dir
         # Set by the gateway: serves each jail's host-proxy socket. None: no socket.
         self.proxy_handler: ProxyHandler | None = None
+        self.proxy_rate_per_s = 200.0
 
     @classmethod
     def create(
@@ -125,7 +129,7 @@ class JailRunner:
                 "the gateway must run as root (or with CAP_SYS_ADMIN and a delegated cgroup "
                 "subtree) to create namespaces and cgroups for nsjail; see docs/deploy.md"
             )
-        cfg = base_cfg or REPO_CFG
+        cfg = base_cfg or next((p for p in POLICY_CANDIDATES if p.is_file()), REPO_CFG)
         if not cfg.is_file():
             raise JailUnavailable(f"jail policy {cfg} not found (set NSFAAS_JAIL_CONFIG)")
         groups = cgroups.setup(cgroup_parent)
@@ -150,6 +154,10 @@ class JailRunner:
         )
         return cls(config, jail_dir)
 
+    async def aclose(self) -> None:
+        """Remove the cgroup slots this runner created (its jails are gone by now)."""
+        await asyncio.to_thread(self.config.slots.close)
+
     def code_dir(self, digest: str) -> Path:
         return self.jail_dir / "code" / digest
 
@@ -167,7 +175,12 @@ class JailRunner:
         """The cold path: a fresh jail for one invocation."""
         spec = replace(spec, mode="once")
         t0 = time.monotonic()
-        worker = Worker(self.config, spec, proxy_handler=self.proxy_handler)
+        worker = Worker(
+            self.config,
+            spec,
+            proxy_handler=self.proxy_handler,
+            proxy_rate_per_s=self.proxy_rate_per_s,
+        )
         try:
             async with asyncio.timeout(spec.limits.timeout_s):
                 await worker.start()
@@ -184,7 +197,8 @@ class JailRunner:
                 error_message=f"{exc}; nsjail said: {worker.nsjail_log[-500:]}",
             )
         try:
-            result = await worker.invoke(inv, start="cold")
+            deadline = t0 + spec.limits.timeout_s  # start-up and call share one timeout
+            result = await worker.invoke(inv, start="cold", deadline=deadline)
         finally:
             await worker.aclose(kill=True)
         return replace(result, wall_ms=(time.monotonic() - t0) * 1000.0)

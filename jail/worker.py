@@ -93,13 +93,20 @@ class Worker:
     """Owns one nsjail process. Use ``start()``, ``invoke()``, ``aclose()``."""
 
     def __init__(
-        self, config: JailConfig, spec: JailSpec, *, proxy_handler: ProxyHandler | None = None
+        self,
+        config: JailConfig,
+        spec: JailSpec,
+        *,
+        proxy_handler: ProxyHandler | None = None,
+        proxy_rate_per_s: float = 200.0,
     ) -> None:
         self.config = config
         self.spec = spec
         self.proxy: HostProxy | None = None
         if proxy_handler is not None:
-            self.proxy = HostProxy(config.runtime_dir.parent / "sock", proxy_handler)
+            self.proxy = HostProxy(
+                config.runtime_dir.parent / "sock", proxy_handler, rate_per_s=proxy_rate_per_s
+            )
         self.proc: asyncio.subprocess.Process | None = None
         self.jail_pid: int | None = None
         self.ready = False
@@ -181,7 +188,7 @@ class Worker:
         ]
         try:
             header, _ = await self._read_frame(0)
-        except WorkerError:
+        except (WorkerError, asyncio.CancelledError):
             await self.aclose(kill=True)
             raise
         if header.get("op") == "load_error":
@@ -196,10 +203,17 @@ class Worker:
                 # A pidfd pins the process: a later kill can never hit a reused pid.
                 self._jail_pidfd = os.pidfd_open(self.jail_pid)
 
-    async def invoke(self, inv: Invocation, *, start: str = "cold") -> JailResult:
-        """Run one invocation; never raises for anything the function does."""
+    async def invoke(
+        self, inv: Invocation, *, start: str = "cold", deadline: float | None = None
+    ) -> JailResult:
+        """Run one invocation; never raises for anything the function does.
+
+        ``deadline`` (monotonic) is the end of the function's one timeout when
+        part of it was already spent starting this worker (the cold path).
+        """
         lim = self.spec.limits
         t0 = time.monotonic()
+        budget = lim.timeout_s if deadline is None else max(0.0, deadline - t0)
         end = Ending(limits=lim)
         logs = _Collector(lim.log_bytes, lim.log_lines)
         for entry in self._own.lines:
@@ -225,11 +239,11 @@ class Worker:
                     version=inv.version,
                     egress_allow=inv.egress_allow,
                     depth=inv.depth,
-                    deadline=t0 + lim.timeout_s,
+                    deadline=t0 + budget,
                 )
             )
         try:
-            async with asyncio.timeout(lim.timeout_s):
+            async with asyncio.timeout(budget):
                 assert self._writer is not None
                 self._writer.write(_frames.encode(inv.frame_header(self.spec), inv.body))
                 await self._writer.drain()
@@ -253,6 +267,11 @@ class Worker:
             end.timed_out = True
         except (WorkerError, ConnectionError):
             pass  # the runtime died or broke the protocol: decided below
+        except asyncio.CancelledError:
+            # The caller went away (client disconnect, shutdown): the jail must not
+            # outlive the invocation, and a half-used worker is never reused.
+            await self.aclose(kill=True)
+            raise
         finally:
             if self.proxy is not None:
                 self.proxy.end()

@@ -221,9 +221,13 @@ def _finish(frame: dict[str, Any], body: bytes) -> None:
 def _route_logging(ctx: Any) -> None:
     import logging
 
+    standard = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
     class CtxHandler(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            fields: dict[str, Any] = {"logger": record.name}
+            # extra={...} arrives as record attributes: they become fields.
+            fields: dict[str, Any] = {k: v for k, v in record.__dict__.items() if k not in standard}
+            fields["logger"] = record.name
             if record.exc_info:
                 import traceback
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import io
 import zipfile
@@ -376,3 +377,27 @@ async def test_min_warm_workers_are_started_on_deploy(tmp_path: Path) -> None:
                     break
                 await asyncio.sleep(0.05)
             assert pool.idle_workers == 2 and pool.stats.replaced >= 1
+
+
+async def test_cancelled_invocation_kills_its_jail(api: Api) -> None:
+    """A client that goes away (or a shutdown) must not leave a jail running."""
+    await api.deploy("sleepy", "import time\ndef handler(r, c):\n    time.sleep(30)\n", public=True,
+                     timeout_s=60)
+    gw = api.app.state.gateway  # type: ignore[attr-defined]
+    task = asyncio.create_task(api.client.get("/fn/sleepy"))
+    for _ in range(200):
+        if gw.scheduler.running:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    slots = gw.runner.config.slots
+    busy = [s for s in slots.busy if slots.pids_in(s)]
+    assert busy, "the invocation should be running in a jail"
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if not any(slots.pids_in(s) for s in busy):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(slots.pids_in(s) for s in busy)

