@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import io
 import zipfile
 from pathlib import Path
 
 import httpx
-
 import pytest
 
 from .conftest import Api
