@@ -77,6 +77,14 @@ def slot_limits(spec: JailSpec) -> SlotLimits:
     )
 
 
+# The runtime is imported as a module (a script run as __main__ is always
+# compiled from source; a module's precompiled bytecode is used).
+BOOT = (
+    f"import sys; sys.path.insert(0, {RUNTIME_DST!r}); import bootstrap; "
+    "sys.exit(bootstrap.main(sys.argv))"
+)
+
+
 # Joins the jail's cgroup(s) by writing its own pid, then becomes nsjail, so
 # every process of the jail is born inside the cgroup. Fixed text; the paths
 # and the nsjail command are positional arguments, never interpolated.
@@ -141,7 +149,8 @@ def build_command(
         "-I",
         "-S",
         "-B",
-        f"{RUNTIME_DST}/bootstrap.py",
+        "-c",
+        BOOT,
         str(ctl_fd),
         spec.entrypoint,
         spec.mode,

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,7 +77,36 @@ def make_dir(path: Path, mode: int = 0o711) -> None:
     os.chmod(path, mode)
 
 
-def install_runtime(jail_dir: Path) -> Path:
+# Bounds for compiling (never running) code with the jail's interpreter on the host.
+_COMPILE = (
+    "import compileall, resource, sys;"
+    "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30));"
+    "resource.setrlimit(resource.RLIMIT_CPU, (20, 20));"
+    "ok = compileall.compile_dir(sys.argv[1], quiet=2, workers=1,"
+    " invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH);"
+    "sys.exit(0 if ok else 1)"
+)
+
+
+def precompile(python: str, folder: Path) -> bool:
+    """Write __pycache__ next to the sources, with the jail's own interpreter.
+
+    The jail's interpreter reads bytecode but never writes it (-B, read-only
+    mounts): without this, every cold start compiles the runtime and the
+    function from source. compile() only parses and generates code; nothing
+    is executed. Returns False (and leaves the sources alone) on any failure.
+    """
+    try:
+        proc = subprocess.run(  # noqa: S603 (fixed code, our interpreter, our folder)
+            [python, "-I", "-S", "-c", _COMPILE, str(folder)],
+            capture_output=True, timeout=60, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0
+
+
+def install_runtime(jail_dir: Path, python: str | None = None) -> Path:
     """Copy the runtime (stdlib-only) where the jail can bind it, read-only."""
     make_dir(jail_dir)
     dest = jail_dir / "runtime"
@@ -91,6 +121,8 @@ def install_runtime(jail_dir: Path) -> Path:
         target = tmp / name
         shutil.copyfile(RUNTIME_SRC / src, target)
         os.chmod(target, 0o644)
+    if python is not None:
+        precompile(python, tmp)
     os.chmod(tmp, 0o755)  # noqa: S103 (the jail's uid must read the runtime; nothing secret)
     old = jail_dir / f".runtime-old-{os.getpid()}"
     if dest.exists():
@@ -109,6 +141,7 @@ class JailRunner:
         # Set by the gateway: serves each jail's host-proxy socket. None: no socket.
         self.proxy_handler: ProxyHandler | None = None
         self.proxy_rate_per_s = 200.0
+        self._closing: set[asyncio.Task[None]] = set()
 
     @classmethod
     def create(
@@ -138,13 +171,14 @@ class JailRunner:
         shell = shutil.which("sh") or "/bin/sh"
         if not os.access(shell, os.X_OK):
             raise JailUnavailable("no POSIX shell (sh) to launch jails into their cgroups")
-        runtime = install_runtime(jail_dir)
+        interpreter = _interp.discover(python)
+        runtime = install_runtime(jail_dir, interpreter.exe)
         make_dir(jail_dir / "code")
         make_dir(jail_dir / "sock")
         config = JailConfig(
             nsjail=find_nsjail(nsjail),
             base_cfg=cfg,
-            interpreter=_interp.discover(python),
+            interpreter=interpreter,
             runtime_dir=runtime,
             cgroups=groups,
             slots=slots,
@@ -155,7 +189,8 @@ class JailRunner:
         return cls(config, jail_dir)
 
     async def aclose(self) -> None:
-        """Remove the cgroup slots this runner created (its jails are gone by now)."""
+        """Finish pending teardowns, then remove the cgroup slots this runner made."""
+        await self.settle()
         await asyncio.to_thread(self.config.slots.close)
 
     def code_dir(self, digest: str) -> Path:
@@ -166,13 +201,19 @@ class JailRunner:
         path = self.code_dir(digest)
         if not path.exists():
             unpack(path)
+            precompile(self.config.interpreter.exe, path)
         return path
 
     def spec(self, code_dir: Path, entrypoint: str, limits: Limits, **kw: object) -> JailSpec:
         return JailSpec(code_dir=code_dir, entrypoint=entrypoint, limits=limits, **kw)  # type: ignore[arg-type]
 
     async def run(self, spec: JailSpec, inv: Invocation) -> JailResult:
-        """The cold path: a fresh jail for one invocation."""
+        """The cold path: a fresh jail for one invocation.
+
+        The answer goes back as soon as it is complete; the jail's teardown
+        (its processes are already gone, nsjail reaps and exits) finishes in
+        a tracked background task that ``settle()``/``aclose()`` wait for.
+        """
         spec = replace(spec, mode="once")
         t0 = time.monotonic()
         worker = Worker(
@@ -199,9 +240,18 @@ class JailRunner:
         try:
             deadline = t0 + spec.limits.timeout_s  # start-up and call share one timeout
             result = await worker.invoke(inv, start="cold", deadline=deadline)
-        finally:
+        except BaseException:
             await worker.aclose(kill=True)
+            raise
+        task = asyncio.create_task(worker.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
         return replace(result, wall_ms=(time.monotonic() - t0) * 1000.0)
+
+    async def settle(self) -> None:
+        """Wait until every finished cold jail is fully torn down."""
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
     async def self_check(self) -> None:
         """Run one trivial jail; raise JailUnavailable saying exactly what failed."""

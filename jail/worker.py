@@ -279,8 +279,8 @@ class Worker:
         end.oom_kills = after["oom_kill"] - before["oom_kill"]
         end.pids_hits = after["pids_max"] - before["pids_max"]
         broken = end.done is None or end.timed_out or end.host_output_limit
-        if broken or self.spec.mode == "once":
-            await self.aclose(kill=broken)
+        if broken:
+            await self.aclose(kill=True)
             end.nsjail_exit = self.proc.returncode if self.proc else None
             end.nsjail_log = self._nsjail_log.decode("utf-8", "replace")
         for entry in self._own.lines:
