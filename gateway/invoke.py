@@ -147,7 +147,9 @@ class Invoker:
             memory_mb=limits.memory_mb,
             request_bytes=len(call.body),
         )
-        await self.store.insert_invocation(record)
+        # The "running" record is written while the jail starts, not before it:
+        # the store's single writer keeps insert-then-finish in order.
+        inserted = asyncio.create_task(self.store.insert_invocation(record))
         t0 = time.monotonic()
         result: JailResult
         try:
@@ -165,9 +167,9 @@ class Invoker:
             result = JailResult(
                 outcome="killed", error_type="Cancelled", error_message="the client went away"
             )
-            await asyncio.shield(self._record(record, result, t0))
+            await asyncio.shield(self._record(record, result, t0, inserted))
             raise
-        await self._record(record, result, t0)
+        await self._record(record, result, t0, inserted)
         return result, inv_id
 
     async def _run(
@@ -202,8 +204,15 @@ class Invoker:
             finally:
                 self.metrics.in_flight.dec()
 
-    async def _record(self, record: InvocationRecord, result: JailResult, t0: float) -> None:
+    async def _record(
+        self,
+        record: InvocationRecord,
+        result: JailResult,
+        t0: float,
+        inserted: asyncio.Task[None],
+    ) -> None:
         wall_ms = (time.monotonic() - t0) * 1000.0
+        await inserted
         lines = [
             NewLogLine(
                 ts=e.ts,

@@ -99,7 +99,9 @@ def precompile(python: str, folder: Path) -> bool:
     try:
         proc = subprocess.run(  # noqa: S603 (fixed code, our interpreter, our folder)
             [python, "-I", "-S", "-c", _COMPILE, str(folder)],
-            capture_output=True, timeout=60, check=False,
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return False

@@ -122,6 +122,7 @@ class Worker:
         self._closed = False
         self._jail_pidfd: int | None = None
         self.slot: str | None = None
+        self._last_counters: dict[str, int] | None = None
 
     @property
     def nsjail_log(self) -> str:
@@ -229,7 +230,9 @@ class Worker:
                 logs.add(entry.stream, entry.message)
             self._own = _Collector(lim.log_bytes, lim.log_lines)
             return self._result(end, logs, t0, start)
-        before = self._counters()
+        # Counters are cumulative and nothing runs between invocations: the
+        # last reading is this one's baseline (two file reads saved per call).
+        before = self._last_counters or self._counters()
         if self.proxy is not None:
             self.proxy.begin(
                 CallContext(
@@ -275,7 +278,7 @@ class Worker:
         finally:
             if self.proxy is not None:
                 self.proxy.end()
-        after = self._counters()
+        after = self._last_counters = self._counters()
         end.oom_kills = after["oom_kill"] - before["oom_kill"]
         end.pids_hits = after["pids_max"] - before["pids_max"]
         broken = end.done is None or end.timed_out or end.host_output_limit

@@ -28,7 +28,12 @@ def runner() -> Iterator[JailRunner]:
     os.chmod(jail_dir, 0o711)  # noqa: S103 (the jail uid must traverse it)
     try:
         r = JailRunner.create(jail_dir=jail_dir)
-        asyncio.run(r.self_check())
+
+        async def check() -> None:
+            await r.self_check()
+            await r.settle()
+
+        asyncio.run(check())
         yield r
         r.config.slots.close()  # the free slot cgroups of this session
     finally:

@@ -72,13 +72,15 @@ def body_json(r: JailResult) -> Any:
 
 
 def make_deploy(runner: JailRunner) -> Deploy:
-    """``deploy(source) -> code_dir``: handler.py in a 0755 dir, 0644, named by digest."""
+    """``deploy(source) -> code_dir``: handler.py in a 0755 dir, 0644, named by
+    digest, materialised the way the gateway does it (``ensure_code``, which
+    also precompiles the bytecode)."""
 
     def _deploy(source: str) -> Path:
         text = textwrap.dedent(source)
         digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-        code = runner.jail_dir / "code" / digest
-        if not code.exists():
+
+        def unpack(code: Path) -> None:
             tmp = code.with_name(f".{digest}.{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
@@ -86,7 +88,8 @@ def make_deploy(runner: JailRunner) -> Deploy:
             (tmp / "handler.py").write_text(text)
             os.chmod(tmp / "handler.py", 0o644)
             tmp.rename(code)
-        return code
+
+        return runner.ensure_code(digest, unpack)
 
     return _deploy
 
@@ -129,9 +132,15 @@ class Jail:
         r = await self.cold(GOOD, "still here")
         assert body_json(r) == {"good": True, "body": "still here"}, describe(r)
 
+    async def settle(self, within_s: float = 5.0) -> None:
+        """Wait for the background teardown of finished cold jails (bounded)."""
+        async with asyncio.timeout(within_s):
+            await self.runner.settle()
+
     async def aclose(self) -> None:
         for w in self.workers:
             await w.aclose(kill=True)
+        await self.settle()
 
 
 class Function:

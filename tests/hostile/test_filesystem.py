@@ -100,6 +100,7 @@ def handler(request, ctx):
         "root": sorted(os.listdir("/")),
         "dev": sorted(os.listdir("/dev")),
         "opt": sorted(os.listdir("/opt/nsfaas")),
+        "pycache": sorted(n.split(".")[0] for n in os.listdir("/opt/nsfaas/__pycache__")),
         "function": sorted(os.listdir("/function")),
         "usr": sorted(os.listdir("/usr")),
         "usr_bin": sorted(os.listdir("/usr/bin")),
@@ -118,8 +119,9 @@ def handler(request, ctx):
     got = body_json(await fn())
     assert got["root"] == ["dev", "function", "lib", "lib64", "opt", "tmp", "usr"]
     assert got["dev"] == ["null", "urandom", "zero"]
-    assert got["opt"] == ["_frames.py", "bootstrap.py", "nsfaas.py"]
-    assert got["function"] == ["handler.py"]
+    assert got["opt"] == ["__pycache__", "_frames.py", "bootstrap.py", "nsfaas.py"]
+    assert set(got["pycache"]) <= {"_frames", "bootstrap", "nsfaas"}, got["pycache"]
+    assert got["function"] == ["__pycache__", "handler.py"]  # precompiled at deploy
     assert got["usr"] == ["bin", "lib"] or got["usr"] == ["bin", "lib", "lib64"]
     assert got["usr_bin"] == ["python3"]
     assert got["tmp"] == []

@@ -61,7 +61,10 @@ async def test_a_daemon_does_not_outlive_the_invocation(jail: Jail, mode: str) -
     r = await task
     assert (r.outcome, r.body) == ("ok", b"spawned"), describe(r)
     if mode == "cold":
-        # runner.run returns after the whole jail is gone.
+        # runner.run answers first; the jail's teardown follows in the background
+        # (the zygote killed every straggler before it answered): once it has
+        # settled, promptly, nothing of the jail is left.
+        await jail.settle(within_s=3.0)
         assert processes_with(marker) == []
         assert jail_uid_processes() == {}
     else:
@@ -84,6 +87,7 @@ async def test_a_daemon_of_a_timed_out_invocation_is_gone_too(jail: Jail, mode: 
     fn = jail.function(DAEMON, mode, limits=Limits(timeout_s=1, memory_mb=64, pids=16))
     r = await fn(marker, headers=(("x-linger", "30"),))
     assert (r.outcome, r.limit_name) == ("timeout", "wall_time"), describe(r)
+    await jail.settle(within_s=3.0)
     assert processes_with(marker) == []
     assert jail_uid_processes() == {}  # warm: a timed-out worker is killed whole
     await fn.assert_recovers()
@@ -243,6 +247,7 @@ async def test_an_import_time_loop_is_bounded(jail: Jail) -> None:
     r = await jail.cold(src, limits=limits)
     assert (r.outcome, r.limit_name) == ("timeout", "wall_time"), describe(r)
     assert time.monotonic() - t0 < 2.5
+    await jail.settle(within_s=3.0)
     assert jail_uid_processes() == {}
     await jail.assert_good_function_works()
 
@@ -293,3 +298,32 @@ def handler(request, ctx):
     if mode == "warm":
         assert fn.alive and fn.restarts == 0
     await fn.assert_recovers()
+
+
+async def test_a_handler_that_answers_and_lingers_is_ended(jail: Jail, mode: str) -> None:
+    """It writes a whole result itself, closes every pipe, then keeps running as
+    another program: the answer stands, and the process is killed right after."""
+    marker = f"nsfaas-linger-{uuid.uuid4().hex}"
+    src = """
+import os
+import _frames
+
+def handler(request, ctx):
+    os.write(3, _frames.encode({"kind": "ok", "status": 200, "headers": []}, b"early"))
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2, 3, 4):
+        os.dup2(null, fd)
+    os.execv("/usr/bin/python3", ["python3", "-I", "-S", "-c",
+             "while True: pass", request.text()])
+"""
+    fn = jail.function(src, mode)
+    r = await fn(marker)
+    assert (r.outcome, r.status, r.body) == ("ok", 200, b"early"), describe(r)
+    if mode == "cold":
+        await jail.settle(within_s=3.0)
+        assert processes_with(marker) == []
+    else:
+        assert await gone(marker, within_s=1.5), processes_with(marker)
+        assert fn.alive
+    await fn.assert_recovers()
+    assert processes_with(marker) == []

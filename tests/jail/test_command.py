@@ -13,7 +13,7 @@ from jail import JailConfig, JailRunner, JailSpec, Limits
 from jail import build_command as _build_command
 from jail._interp import Interpreter
 from jail.cgroups import Cgroups, SlotLimits, SlotPool
-from jail.command import LAUNCHER, nsjail_time_limit, slot_limits
+from jail.command import BOOT, LAUNCHER, nsjail_time_limit, slot_limits
 from tests.jailtest import GOOD, Deploy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +83,10 @@ GOLDEN = [
     "--bindmount_ro", "/srv/jail/sock/p1:/run/nsfaas",
     "--pass_fd", "7",
     "--",
-    "/usr/bin/python3", "-I", "-S", "-B", "/opt/nsfaas/bootstrap.py",
+    # the runtime is imported as a module, so its precompiled bytecode is used
+    "/usr/bin/python3", "-I", "-S", "-B", "-c",
+    "import sys; sys.path.insert(0, '/opt/nsfaas'); import bootstrap; "
+    "sys.exit(bootstrap.main(sys.argv))",
     "7", "handler:handler", "once", "1000",
 ]
 
@@ -174,7 +177,7 @@ def test_pass_fd_is_the_control_fd_and_the_argv_is_fixed() -> None:
     assert ("--pass_fd", "11") in _flags(cmd)
     assert ("--log_fd", "12") in _flags(cmd)
     tail = cmd[cmd.index("--") + 1 :]
-    assert tail == ["/usr/bin/python3", "-I", "-S", "-B", "/opt/nsfaas/bootstrap.py",
+    assert tail == ["/usr/bin/python3", "-I", "-S", "-B", "-c", BOOT,
                     "11", "handler:handler", "once", "1000"]
 
 

@@ -1,0 +1,278 @@
+"""Soak: good and hostile functions together, for minutes, on a real gateway.
+
+    .venv/bin/python bench/soak.py --duration 600        # the issue's 10 minutes
+    .venv/bin/python bench/soak.py --duration 60         # a quick look
+
+1. Starts `nsfaas serve` (warm path) as a subprocess on a free loopback port.
+2. Measures the warm capacity of a small good function at concurrency 8.
+3. Runs the good function alone at 80 % of that capacity (open loop) to get
+   the baseline p99.
+4. Runs it again for --duration seconds at the same rate while hostile
+   functions (CPU loop, memory bomb, fork bomb, 100 MB of output) are called
+   alongside, checking every good response byte for byte.
+5. Samples the gateway's fds, threads, RSS, descendant processes and the
+   jails' cgroup slots every few seconds and reports first/last/max.
+
+Prints a table and exits non-zero if a good response was lost or wrong, if
+the good p99 under hostile load exceeds 2x the baseline, or if a resource
+grew past the stated bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN = "soak-admin-key"
+GOOD = "def handler(request, ctx):\n    return {'echo': request.query.get('id')}\n"
+HOSTILE = {
+    "cpu-loop": ("def handler(r, c):\n    while True:\n        pass\n", 1.0, 64),
+    "mem-bomb": (
+        "def handler(r, c):\n    hog = []\n    while True:\n"
+        "        hog.append(bytearray(1 << 20))\n",
+        5.0,
+        64,
+    ),
+    "fork-bomb": (
+        "import os\ndef handler(r, c):\n    while True:\n        try:\n            os.fork()\n"
+        "        except OSError:\n            pass\n",
+        1.0,
+        64,
+    ),
+    "huge-output": (
+        "import sys\ndef handler(r, c):\n    line = 'x' * 1023 + '\\n'\n"
+        "    for _ in range(100 * 1024):\n        sys.stdout.write(line)\n    return 'done'\n",
+        10.0,
+        64,
+    ),
+}
+# Stated bounds on growth between the first and the last sample of the soak.
+BOUNDS = {"fds": 64, "threads": 8, "rss_mb": 64.0, "children": 24, "slots": 24}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> int:
+    count, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        count += len(kids)
+        todo += [int(k) for k in kids]
+    return count
+
+
+def sample(pid: int) -> dict[str, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    slots = 0
+    for c in ("memory", "pids", "cpu"):
+        base = Path("/sys/fs/cgroup") / c / "nsfaas"
+        if base.exists():
+            slots = max(slots, sum(1 for d in base.iterdir() if d.name.startswith("slot-")))
+    return {
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+        "threads": int(fields["Threads"].strip()),
+        "rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+        "children": descendants(pid),
+        "slots": slots,
+    }
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def deploy(c: httpx.AsyncClient, name: str, src: str, timeout_s: float, mem: int) -> None:
+    r = await c.put(
+        f"/api/v1/functions/{name}",
+        json={"source": src, "public": True, "timeout_s": timeout_s, "memory_mb": mem},
+    )
+    r.raise_for_status()
+
+
+async def capacity(c: httpx.AsyncClient, seconds: float) -> float:
+    done = 0
+    end = time.monotonic() + seconds
+
+    async def loop() -> None:
+        nonlocal done
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            r = await c.get("/fn/good", params={"id": str(i)})
+            if r.status_code == 200:
+                done += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(loop() for _ in range(8)))
+    return done / (time.monotonic() - t0)
+
+
+async def open_loop(
+    c: httpx.AsyncClient, rate: float, seconds: float, stats: dict[str, list[float] | int]
+) -> None:
+    """Fire good requests at a fixed rate, whatever the latency (open loop)."""
+    tasks: set[asyncio.Task[None]] = set()
+    interval = 1.0 / rate
+    n = int(rate * seconds)
+    start = time.monotonic()
+
+    async def one(i: int) -> None:
+        t = time.monotonic()
+        try:
+            r = await c.get("/fn/good", params={"id": str(i)})
+            ok = r.status_code == 200 and r.json() == {"echo": str(i)}
+        except (httpx.HTTPError, ValueError):
+            ok = False
+        lat = stats["lat"]
+        assert isinstance(lat, list)
+        lat.append((time.monotonic() - t) * 1000)
+        if not ok:
+            stats["bad"] = int(stats["bad"]) + 1
+
+    for i in range(n):
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(i))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+
+
+async def hostile_loop(c: httpx.AsyncClient, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    names = list(HOSTILE)
+    i = 0
+    while not stop.is_set():
+        name = names[i % len(names)]
+        i += 1
+        try:
+            r = await c.get(f"/fn/{name}")
+            counts[f"{name}:{r.status_code}"] = counts.get(f"{name}:{r.status_code}", 0) + 1
+        except httpx.HTTPError:
+            counts[f"{name}:transport_error"] = counts.get(f"{name}:transport_error", 0) + 1
+
+
+async def main(args: argparse.Namespace) -> int:
+    data = Path(tempfile.mkdtemp(prefix="nsf-soak-", dir="/tmp"))
+    port = free_port()
+    env = {
+        **os.environ,
+        "NSFAAS_DATA_DIR": str(data),
+        "NSFAAS_PORT": str(port),
+        "NSFAAS_ADMIN_KEY": ADMIN,
+        "NSFAAS_QUEUE_SIZE": "512",
+        "NSFAAS_QUEUE_TIMEOUT_S": "30",
+        "NSFAAS_FUNCTION_CONCURRENCY": "16",
+    }
+    proc = subprocess.Popen(  # noqa: ASYNC220 (start-up of the system under test)
+        [sys.executable, "-m", "gateway.cli", "serve"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits,
+                                 headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        for _ in range(300):
+            try:
+                if (await c.get("/healthz")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+        await deploy(c, "good", GOOD, 5.0, 64)
+        for name, (src, timeout_s, mem) in HOSTILE.items():
+            await deploy(c, name, src, timeout_s, mem)
+        await capacity(c, 2.0)  # warm up
+        cap = await capacity(c, args.capacity_seconds)
+        rate = max(1.0, cap * args.load)
+        print(f"warm capacity at concurrency 8: {cap:.0f}/s; soak rate {rate:.0f}/s")
+
+        base_stats: dict[str, list[float] | int] = {"lat": [], "bad": 0}
+        await open_loop(c, rate, args.baseline_seconds, base_stats)
+        print("baseline done", file=sys.stderr)
+
+        soak_stats: dict[str, list[float] | int] = {"lat": [], "bad": 0}
+        counts: dict[str, int] = {}
+        samples: list[dict[str, float]] = [sample(proc.pid)]
+        stop = asyncio.Event()
+
+        async def sampler() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(args.sample_every)
+                samples.append(sample(proc.pid))
+
+        hostile = [asyncio.create_task(hostile_loop(c, stop, counts)) for _ in range(2)]
+        sampling = asyncio.create_task(sampler())
+        await open_loop(c, rate, args.duration, soak_stats)
+        print("soak done", file=sys.stderr)
+        stop.set()
+        await asyncio.gather(*hostile, sampling)
+        await asyncio.sleep(args.sample_every)
+        samples.append(sample(proc.pid))
+
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+    b_lat, s_lat = base_stats["lat"], soak_stats["lat"]
+    assert isinstance(b_lat, list) and isinstance(s_lat, list)
+    b99, s99 = pct(b_lat, 0.99), pct(s_lat, 0.99)
+    print()
+    print("| run | requests | lost or wrong | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|")
+    print(f"| good alone | {len(b_lat)} | {base_stats['bad']} | {statistics.median(b_lat):.1f} | "
+          f"{b99:.1f} |")
+    print(f"| good + hostile | {len(s_lat)} | {soak_stats['bad']} | {statistics.median(s_lat):.1f}"
+          f" | {s99:.1f} |")
+    print(f"\np99 ratio (soak / alone): {s99 / b99:.2f} (target <= 2.0)")
+    print(f"hostile calls by outcome: {json.dumps(counts, sort_keys=True)}")
+    print("\n| resource | first | last | max | growth | bound |")
+    print("|---|---|---|---|---|---|")
+    failures = []
+    for key, bound in BOUNDS.items():
+        first, last = samples[0][key], samples[-1][key]
+        peak = max(s[key] for s in samples)
+        growth = last - first
+        print(f"| {key} | {first:.0f} | {last:.0f} | {peak:.0f} | {growth:+.0f} | {bound} |")
+        if growth > bound:
+            failures.append(f"{key} grew by {growth:.0f} (bound {bound})")
+    if soak_stats["bad"] or base_stats["bad"]:
+        failures.append("good responses lost or wrong")
+    if s99 > 2 * b99:
+        failures.append(f"p99 under hostile load {s99:.1f} ms > 2x {b99:.1f} ms")
+    print("\nresult:", "PASS" if not failures else "FAIL: " + "; ".join(failures))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=600.0, help="soak seconds")
+    p.add_argument("--baseline-seconds", type=float, default=30.0)
+    p.add_argument("--capacity-seconds", type=float, default=5.0)
+    p.add_argument("--load", type=float, default=0.8, help="fraction of warm capacity")
+    p.add_argument("--sample-every", type=float, default=5.0)
+    sys.exit(asyncio.run(main(p.parse_args())))
