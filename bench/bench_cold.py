@@ -261,8 +261,10 @@ async def main() -> None:
                   f"{statistics.median(j) - statistics.median(b):+.2f} ms")
         print("target (issue 6): cold p50 <= 1.5x the bare start")
     finally:
-        if runner is not None and hasattr(runner, "settle"):
-            await runner.settle()
+        if runner is not None:
+            closer = getattr(runner, "aclose", None) or getattr(runner, "settle", None)
+            if closer is not None:
+                await closer()  # background teardowns done, cgroup slots removed
         shutil.rmtree(root, ignore_errors=True)
 
 

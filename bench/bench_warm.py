@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -297,14 +298,38 @@ def floor_cell(python: str, conc: int) -> Cell:
 # -- the warm path without HTTP -------------------------------------------------------------
 
 
+class _FairPool:
+    """Idle workers handed out first come, first served (asyncio.Queue lets a task
+    that just put a worker back take it again at once, starving the others)."""
+
+    def __init__(self) -> None:
+        self.idle: collections.deque[Any] = collections.deque()
+        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+
+    async def get(self) -> Any:
+        if self.idle and not self.waiters:
+            return self.idle.popleft()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        return await fut
+
+    def put(self, worker: Any) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(worker)
+                return
+        self.idle.append(worker)
+
+
 async def _warm_jail_cell(runner: Any, spec: Any, conc: int, duration: float) -> Cell:
     from jail import Invocation, Worker
 
-    idle: asyncio.Queue[Worker] = asyncio.Queue()
+    pool = _FairPool()
     workers = [Worker(runner.config, spec) for _ in range(min(conc, 8))]
     await asyncio.gather(*(w.start() for w in workers))
     for w in workers:
-        idle.put_nowait(w)
+        pool.put(w)
     lat: list[float] = []
     errors = 0
     seq = 0
@@ -313,7 +338,7 @@ async def _warm_jail_cell(runner: Any, spec: Any, conc: int, duration: float) ->
         nonlocal errors, seq
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()  # waiting for a free worker counts, as it does over HTTP
-            w = await idle.get()
+            w = await pool.get()
             seq += 1
             inv = Invocation(invocation_id=f"b{seq}", function="hello", version=1, tenant="bench")
             r = await w.invoke(inv, start="warm")
@@ -325,7 +350,7 @@ async def _warm_jail_cell(runner: Any, spec: Any, conc: int, duration: float) ->
                 w = Worker(runner.config, spec)
                 workers.append(w)
                 await w.start()
-            idle.put_nowait(w)
+            pool.put(w)
 
     try:
         await client(time.perf_counter() + 0.5)  # warm-up
@@ -335,6 +360,9 @@ async def _warm_jail_cell(runner: Any, spec: Any, conc: int, duration: float) ->
         elapsed = time.perf_counter() - t0
     finally:
         await asyncio.gather(*(w.aclose(kill=True) for w in workers))
+        settle = getattr(runner, "settle", None)
+        if settle is not None:
+            await settle()  # jails of closed workers gone before the next cell
     return Cell("warm-jail", conc, pct(lat, 50), pct(lat, 99), len(lat) / elapsed, len(lat),
                 errors)
 
@@ -342,19 +370,35 @@ async def _warm_jail_cell(runner: Any, spec: Any, conc: int, duration: float) ->
 async def _warm_jail_cells(duration: float) -> list[Cell]:
     from jail import JailRunner, Limits
 
+    def write(path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.mkdir(parents=True)
+        os.chmod(tmp, 0o755)  # noqa: S103 (the jail uid reads it)
+        (tmp / "handler.py").write_text(HELLO)
+        os.chmod(tmp / "handler.py", 0o644)
+        tmp.rename(path)
+
     root = Path(tempfile.mkdtemp(prefix="nsbj-", dir="/tmp"))
     os.chmod(root, 0o711)  # noqa: S103 (the jail uid traverses it)
+    runner: Any = None
     try:
         runner = await asyncio.to_thread(JailRunner.create, jail_dir=root / "jail")
-        code = runner.jail_dir / "code" / "bench-hello"
-        code.mkdir(parents=True)
-        os.chmod(code, 0o755)  # noqa: S103 (the jail uid reads it)
-        (code / "handler.py").write_text(HELLO)
-        os.chmod(code / "handler.py", 0o644)
+        # As the gateway stores code (precompiled when it does).
+        code = await asyncio.to_thread(runner.ensure_code, "bench-hello", write)
         spec = runner.spec(code, "handler:handler", Limits(timeout_s=10), mode="warm")
         return [await _warm_jail_cell(runner, spec, c, duration) for c in CONCURRENCY]
     finally:
+        await close_runner(runner)
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def close_runner(runner: Any) -> None:
+    """Wait for background teardowns and remove the runner's cgroups, where supported."""
+    for name in ("aclose", "settle"):
+        method = getattr(runner, name, None)
+        if method is not None:
+            await method()
+            return
 
 
 # -- report --------------------------------------------------------------------------------
@@ -483,8 +527,16 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - t_start
 
+    import importlib.util
+
+    import uvicorn
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     header = (
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at the end, "
+        f"uvicorn {uvicorn.__version__} ({http}, {loop}) for every server, "
         f"load generator {loadgen}"
         + (f" ({args.duration:g} s per cell)" if loadgen == "wrk" else " (bounded counts)")
         + f", jail interpreter {python}, run took {elapsed:.0f} s"

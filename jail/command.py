@@ -18,7 +18,6 @@ from ._interp import Interpreter
 from .cgroups import Cgroups, SlotLimits, SlotPool
 from .limits import Limits
 
-JAIL_UID = 65534  # uid inside the jail
 RUNTIME_DST = "/opt/nsfaas"
 CODE_DST = "/function"
 PROXY_DST = "/run/nsfaas"
@@ -42,8 +41,6 @@ class JailConfig:
     cgroups: Cgroups
     slots: SlotPool
     shell: Path = Path("/bin/sh")
-    outside_uid: int = 65534
-    outside_gid: int = 65534
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +113,6 @@ def build_command(
         str(log_fd),
         "--time_limit",
         str(nsjail_time_limit(spec)),
-        "--user",
-        f"{JAIL_UID}:{config.outside_uid}:1",
-        "--group",
-        f"{JAIL_UID}:{config.outside_gid}:1",
         # The zygote's own RLIMIT_CPU; each child lowers it to lim.effective_cpu_s.
         "--rlimit_cpu",
         "inf" if spec.mode == "warm" else str(lim.effective_cpu_s + 2),

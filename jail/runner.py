@@ -154,8 +154,6 @@ class JailRunner:
         python: str | None = None,
         base_cfg: Path | None = None,
         cgroup_parent: str = "nsfaas",
-        uid: int = 65534,
-        gid: int = 65534,
     ) -> JailRunner:
         """Blocking set-up (call it from a thread): finds nsjail and the
         interpreter, prepares cgroups and the runtime. Raises JailUnavailable."""
@@ -185,8 +183,6 @@ class JailRunner:
             cgroups=groups,
             slots=slots,
             shell=Path(shell),
-            outside_uid=uid,
-            outside_gid=gid,
         )
         return cls(config, jail_dir)
 

@@ -65,8 +65,6 @@ GOLDEN = [
     "--config", "/srv/nsjail.cfg",
     "--log_fd", "9",
     "--time_limit", "5",
-    "--user", "65534:65534:1",
-    "--group", "65534:65534:1",
     "--rlimit_cpu", "5",
     "--rlimit_fsize", "4",
     "--rlimit_nofile", "50",
