@@ -279,12 +279,14 @@ def to_http(result: JailResult, inv_id: str, *, head: bool = False) -> Response:
     """The HTTP answer for an invocation outcome."""
     if result.outcome == "ok":
         assert result.status is not None
-        headers = {"X-Invocation-Id": inv_id}
-        resp = Response(b"" if head else result.body, status_code=result.status)
+        # 204 and 304 never carry a body (HTTP/1.1 framing): it is dropped.
+        bodiless = result.status in (204, 304)
+        resp = Response(b"" if head or bodiless else result.body, status_code=result.status)
+        if bodiless:
+            del resp.headers["content-length"]
         for k, v in result.headers:
             resp.headers.append(k, v)
-        for k, v in headers.items():
-            resp.headers[k] = v
+        resp.headers["X-Invocation-Id"] = inv_id
         return resp
     extra = {"Retry-After": "1"} if result.outcome == "rejected" else None
     detail: dict[str, Any] = {}

@@ -41,7 +41,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Control characters (tab allowed) and anything beyond latin-1, which HTTP/1.1
+# cannot carry in a field value.
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 16 * 1024
 
@@ -121,7 +123,10 @@ def check_response(status: Any, headers: Any) -> tuple[int, tuple[tuple[str, str
         if not _TOKEN.match(name):
             return f"invalid header name {name[:64]!r}"
         if _BAD_VALUE.search(value):
-            return f"header {name[:64]!r} contains CR, LF, NUL or another control character"
+            return (
+                f"header {name[:64]!r} contains CR, LF, NUL, another control character "
+                "or a character outside latin-1"
+            )
         total += len(name) + len(value)
         if total > MAX_HEADER_BYTES:
             return f"headers exceed {MAX_HEADER_BYTES} bytes"
