@@ -230,6 +230,21 @@ async def put_function(gw: Gateway, request: Request) -> Response:
     owner = await gw.store.find_function(name)
     if owner is not None and owner.tenant_id != who.tenant_id:
         raise ApiError(409, "name_taken", f"the function name {name!r} is taken")
+    # Every version is kept, so uploads are what could fill the disk: cap them.
+    if owner is None:
+        if len(await gw.store.list_functions(who.tenant_id)) >= s.max_functions_per_tenant:
+            raise ApiError(
+                409,
+                "function_limit",
+                f"a tenant has at most {s.max_functions_per_tenant} functions",
+            )
+    elif len(await gw.store.list_versions(who.tenant_id, name)) >= s.max_versions_per_function:
+        raise ApiError(
+            409,
+            "version_limit",
+            f"a function keeps at most {s.max_versions_per_function} versions; delete and "
+            "re-create it to start over",
+        )
     digest = await gw.store.put_blob(blob)
     try:
         fv, created = await gw.store.put_function(who.tenant_id, name, digest, len(blob), config)

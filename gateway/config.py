@@ -36,8 +36,10 @@ class Settings:
     max_response_bytes: int = 6 * 1024 * 1024
     max_log_bytes: int = 1024 * 1024
     max_log_lines: int = 5000
-    # Uploads.
+    # Uploads (every version is kept: these bound the disk a tenant can use).
     max_upload_bytes: int = 10 * 1024 * 1024
+    max_functions_per_tenant: int = 200
+    max_versions_per_function: int = 500
     # Logs retention (per function).
     log_retention_lines: int = 100_000
     log_retention_s: float = 7 * 24 * 3600.0

@@ -400,3 +400,25 @@ async def test_cancelled_invocation_kills_its_jail(api: Api) -> None:
             break
         await asyncio.sleep(0.05)
     assert not any(slots.pids_in(s) for s in busy)
+
+
+async def test_function_and_version_counts_are_capped(tmp_path: Path) -> None:
+    from gateway.app import create_app
+
+    from .conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", max_functions_per_tenant=2, max_versions_per_function=2)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            auth = {"Authorization": f"Bearer {settings.admin_key}"}
+            for name in ("a", "b"):
+                r = await client.put(f"/api/v1/functions/{name}", json={"source": HELLO}, headers=auth)
+                assert r.status_code == 201
+            r = await client.put("/api/v1/functions/c", json={"source": HELLO}, headers=auth)
+            assert r.status_code == 409 and r.json()["error"]["code"] == "function_limit"
+            r = await client.put("/api/v1/functions/a", json={"source": HELLO + "\n"}, headers=auth)
+            assert r.status_code == 200
+            r = await client.put("/api/v1/functions/a", json={"source": HELLO + "\n\n"}, headers=auth)
+            assert r.status_code == 409 and r.json()["error"]["code"] == "version_limit"
