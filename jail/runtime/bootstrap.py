@@ -350,10 +350,13 @@ class Child:
 
 
 def _kill_stragglers() -> None:
-    try:
-        os.kill(-1, SIGKILL)  # pid 1 is spared: everything else in the jail dies
-    except ProcessLookupError:
-        pass
+    # Only as pid 1 of a pid namespace does kill(-1) mean "everyone in this
+    # jail"; run on a host by mistake it would mean every process there.
+    if os.getpid() == 1:
+        try:
+            os.kill(-1, SIGKILL)  # pid 1 is spared: everything else in the jail dies
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         try:
