@@ -65,6 +65,8 @@ class Gateway:
         self.admin_key = ""
         self.default_tenant = Tenant("", DEFAULT_TENANT, 0.0)
         self.routes = RouteTable([])
+        self._active: dict[str, FunctionVersion] = {}
+        self._generation = 0
         self.invoker: Invoker | None = None
         self.proxy: ProxyService | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,7 +74,30 @@ class Gateway:
     async def auth(self, request: Request) -> Principal:
         return await require(request, self.store, self.admin_key, self.default_tenant)
 
+    async def active_version(self, name: str) -> FunctionVersion | None:
+        """The active version of a function, from a cache that every deploy,
+        rollback and delete of this gateway clears (two store reads saved per
+        invocation). A scale-out backend would need a TTL or notifications."""
+        fv = self._active.get(name)
+        if fv is not None:
+            return fv
+        generation = self._generation
+        info = await self.store.find_function(name)
+        if info is None:
+            return None
+        try:
+            fv = await self.store.get_version(info.tenant_id, name, None)
+        except NotFound:
+            return None
+        if generation == self._generation:  # no change landed while we read
+            if len(self._active) > 10_000:
+                self._active.clear()
+            self._active[name] = fv
+        return fv
+
     async def routes_changed(self) -> None:
+        self._generation += 1
+        self._active.clear()  # called after every deploy, rollback and delete
         self.routes = RouteTable(await self.store.all_routes())
 
     async def version_changed(self, fv: FunctionVersion) -> None:
@@ -207,15 +232,15 @@ def create_app(settings: Settings) -> Starlette:
     async def invoke_named(request: Request) -> Response:
         name = request.path_params["name"]
         sub = "/" + request.path_params.get("path", "")
-        info = await gw.store.find_function(name) if fns.NAME_RE.match(name) else None
-        if info is None:
+        fv = await gw.active_version(name) if fns.NAME_RE.match(name) else None
+        if fv is None:
             return error_response(
                 404,
                 "function_not_found",
                 f"no function named {name!r}",
                 invocation_id=new_invocation_id(),
             )
-        return await _invoke(request, info.tenant_id, name, sub, {})
+        return await _invoke(request, fv.tenant_id, name, sub, {})
 
     async def invoke_declared(request: Request) -> Response:
         path = request.url.path
@@ -234,9 +259,8 @@ def create_app(settings: Settings) -> Starlette:
     async def _invoke(
         request: Request, tenant: str, name: str, path: str, params: dict[str, str]
     ) -> Response:
-        try:
-            fv = await gw.store.get_version(tenant, name, None)
-        except NotFound:
+        fv = await gw.active_version(name)
+        if fv is None or fv.tenant_id != tenant:
             return error_response(
                 404,
                 "function_not_found",
