@@ -83,6 +83,20 @@ class SlotPool:
         self.busy.add(name)
         return name
 
+    def acquire_free(self, limits: SlotLimits) -> str | None:
+        """A free slot, configured, or None: a few small sysfs writes to an
+        empty cgroup, cheap enough for the event loop (mkdir is not)."""
+        if not self._free:
+            return None
+        name = self._free.pop()
+        try:
+            self._configure(name, limits)
+        except OSError:
+            self._remove(name)
+            return None
+        self.busy.add(name)
+        return name
+
     def _create(self) -> str:
         self._next += 1
         name = f"{self._prefix}{self._next}"

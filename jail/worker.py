@@ -151,7 +151,11 @@ class Worker:
                 raise WorkerError(f"cannot create the proxy socket: {exc}") from None
             self.spec = replace(self.spec, proxy_dir=self.proxy.dir)
         try:
-            self.slot = await asyncio.to_thread(self.config.slots.acquire, slot_limits(self.spec))
+            limits = slot_limits(self.spec)
+            slot = self.config.slots.acquire_free(limits)
+            if slot is None:  # making a new cgroup (mkdir) goes to a thread
+                slot = await asyncio.to_thread(self.config.slots.acquire, limits)
+            self.slot = slot
         except OSError as exc:
             raise WorkerError(f"cannot prepare the jail's cgroup: {exc}") from None
         host, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -162,7 +166,7 @@ class Worker:
                 self.spec,
                 ctl_fd=jail.fileno(),
                 log_fd=log_w,
-                cgroup_procs=self.config.slots.procs_files(self.slot),
+                cgroup_procs=self.config.slots.procs_files(slot),
             )
             self.started_at = time.monotonic()
             self.proc = await asyncio.create_subprocess_exec(
