@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from gateway import _sqlite_blobs as blobs
 from gateway import _sqlite_catalog as catalog
@@ -52,6 +52,8 @@ class SqliteStore(Store):
         self._blob_dir = self._data_dir / "blobs"
         self._reader_count = readers
         self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._readers: ThreadPoolExecutor | None = None
         self._write_conn: sqlite3.Connection | None = None
         self._read_conns: list[sqlite3.Connection] = []
@@ -107,6 +109,8 @@ class SqliteStore(Store):
         if writer is None or readers is None:
             return
         self._writer = self._readers = None  # new calls fail from here on
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)  # queued writes land
         loop = asyncio.get_running_loop()
         try:
             # Queued behind every write already submitted.
@@ -134,11 +138,74 @@ class SqliteStore(Store):
     # -- running work on the store's threads ----------------------------------------------
 
     async def _write(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``op`` in the writer thread, atomically (group commit).
+
+        Writes that arrive while a batch is in the writer thread wait and go
+        together in the next one: one thread hand-off and one commit for many
+        writes under load. Each op still runs all-or-nothing, in a savepoint
+        of its own, and only its own caller sees its exception.
+        """
         if self._writer is None:
             raise StoreError("store_closed", "the store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._in_write, op)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return cast("_T", await fut)
 
-    def _in_write(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        writer = self._writer
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                outcomes = await loop.run_in_executor(
+                    writer, self._in_write_batch, [op for op, _ in batch]
+                )
+            except BaseException as exc:  # the executor is gone: fail the batch
+                outcomes = [(False, exc)] * len(batch)
+            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+                if fut.done():
+                    continue  # its caller was cancelled; the write happened anyway
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    def _in_write_batch(
+        self, ops: list[Callable[[sqlite3.Connection], Any]]
+    ) -> list[tuple[bool, Any]]:
+        conn = self._write_conn
+        if conn is None:
+            err = StoreError("store_closed", "the store is not open")
+            return [(False, err)] * len(ops)
+        if len(ops) == 1:
+            try:
+                return [(True, self._in_write(ops[0]))]
+            except Exception as exc:
+                return [(False, exc)]
+        out: list[tuple[bool, Any]] = []
+        try:
+            with transaction(conn, write=True):
+                for op in ops:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        value = op(conn)
+                    except Exception as exc:
+                        if not conn.in_transaction:
+                            raise  # SQLite gave up the whole transaction
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        out.append((False, _translate(exc)))
+                    else:
+                        conn.execute("RELEASE op")
+                        out.append((True, value))
+        except Exception as exc:
+            failed = _translate(exc)
+            return [(False, failed)] * len(ops)
+        return out
+
+    def _in_write(self, op: Callable[[sqlite3.Connection], _T]) -> _T:  # one op, one transaction
         conn = self._write_conn
         if conn is None:
             raise StoreError("store_closed", "the store is not open")
@@ -389,3 +456,9 @@ class SqliteStore(Store):
 def _check_limit(limit: int) -> None:
     if limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
+
+
+def _translate(exc: Exception) -> Exception:
+    if isinstance(exc, sqlite3.Error):
+        return StoreError("storage_error", f"database error: {exc}")
+    return exc

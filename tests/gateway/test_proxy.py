@@ -270,3 +270,26 @@ async def test_kv_admin_api(api: Api) -> None:
         headers={**api.auth(a), "Content-Type": "application/json"},
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value"
+
+
+async def test_silent_proxy_connections_end_with_the_invocation(api: Api) -> None:
+    src = (
+        "import socket\n"
+        "KEEP = []\n"
+        "def handler(request, ctx):\n"
+        "    for _ in range(5):\n"
+        "        s = socket.socket(socket.AF_UNIX); s.connect('/run/nsfaas/proxy.sock'); KEEP.append(s)\n"
+        "    return 'connected and said nothing'\n"
+    )
+    await api.deploy("silent", src, public=True)
+    r = await api.client.get("/fn/silent")
+    assert r.status_code == 200, r.text
+    gw = api.app.state.gateway  # type: ignore[attr-defined]
+    proxies = [w.proxy for e in gw.pool._keys.values() for w in e.idle if w.proxy is not None]
+    assert proxies
+    for _ in range(100):
+        if all(not p._conns for p in proxies):
+            break
+        await asyncio.sleep(0.02)
+    assert all(not p._conns for p in proxies)
+    assert (await api.client.get("/healthz")).status_code == 200
