@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -18,6 +17,7 @@ from .store import NotFound, QuotaExceeded
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .http import Binder
 
 
 async def _tenant(gw: Gateway, request: Request) -> str:
@@ -87,12 +87,7 @@ async def delete_key(gw: Gateway, request: Request) -> Response:
     return Response(status_code=204)
 
 
-def routes(
-    bind: Callable[
-        [Callable[[Gateway, Request], Awaitable[Response]]],
-        Callable[[Request], Awaitable[Response]],
-    ],
-) -> list[Route]:
+def routes(bind: Binder) -> list[Route]:
     return [
         Route("/api/v1/kv", bind(list_keys), methods=["GET"]),
         Route("/api/v1/kv/{key:path}", bind(get_key), methods=["GET"]),

@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from .store import LOG_LEVELS, InvocationRecord, LogLine, NotFound
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .http import Binder
 
 RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -183,12 +184,7 @@ async def _follow(
         await asyncio.sleep(0)
 
 
-def routes(
-    bind: Callable[
-        [Callable[[Gateway, Request], Awaitable[Response]]],
-        Callable[[Request], Awaitable[Response]],
-    ],
-) -> list[Route]:
+def routes(bind: Binder) -> list[Route]:
     return [
         Route("/api/v1/invocations", bind(list_invocations), methods=["GET"]),
         Route("/api/v1/invocations/{id}", bind(get_invocation), methods=["GET"]),

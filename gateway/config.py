@@ -31,6 +31,7 @@ class Settings:
     default_memory_mb: int = 128
     max_memory_mb: int = 2048
     pids: int = 32
+    cpu_ms_per_sec: int = 500  # CPU quota per invocation: 500 = half a core
     max_request_bytes: int = 6 * 1024 * 1024
     max_buffered_bytes: int = 256 * 1024 * 1024  # all invocation bodies held at once
     max_response_bytes: int = 6 * 1024 * 1024

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 from .errors import ApiError
 from .store import Store, Tenant
 
 DEFAULT_TENANT = "default"
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+    Handler = Callable[[Gateway, Request], Awaitable[Response]]
+    # Turns a (gateway, request) handler into a Starlette endpoint.
+    Binder = Callable[[Handler], Callable[[Request], Awaitable[Response]]]
 
 
 @dataclass(frozen=True, slots=True)

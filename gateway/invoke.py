@@ -46,6 +46,9 @@ MESSAGES = {
 }
 
 
+LOG_CHUNK = 200  # log lines per store write
+
+
 def new_invocation_id() -> str:
     # Time-ordered prefix (ms) so ids sort roughly by start; random tail.
     return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:12]}"
@@ -94,6 +97,7 @@ class Invoker:
             timeout_s=fv.config.timeout_s,
             memory_mb=fv.config.memory_mb,
             pids=s.pids,
+            cpu_ms_per_sec=s.cpu_ms_per_sec,
             log_bytes=s.max_log_bytes,
             log_lines=s.max_log_lines,
             response_bytes=s.max_response_bytes,
@@ -255,8 +259,11 @@ class Invoker:
             limit_name=result.limit_name,
             limit_value=result.limit_value,
         )
+        # In chunks: one chatty invocation's thousands of lines must not hold the
+        # store's single writer (and every other invocation's record) for long.
+        for i in range(0, len(lines), LOG_CHUNK):
+            await self.store.append_logs(lines[i : i + LOG_CHUNK])
         if lines:
-            await self.store.append_logs(lines)
             self.on_logs()
         await self.store.finish_invocation(final)
         self.metrics.invocations.labels(record.function, result.outcome).inc()

@@ -34,6 +34,8 @@ class Cgroups:
 
 
 SLOT_PREFIX = "slot-"
+JAILS_CPU_SHARES = 512  # v1; a task of the gateway weighs 1024
+JAILS_CPU_WEIGHT = 50  # v2; the default weight is 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +287,10 @@ def _setup_v1(parent: str) -> Cgroups:
                 f"cannot create cgroup {d}: {exc.strerror}. Run the gateway as root, or "
                 f"delegate {V1_ROOT / c} to its user."
             ) from None
+    # All jails together weigh half of one gateway task: under contention the
+    # gateway (which answers every caller) runs first; idle CPU is still theirs.
+    with contextlib.suppress(OSError):
+        (V1_ROOT / "cpu" / parent / "cpu.shares").write_text(str(JAILS_CPU_SHARES))
     return Cgroups(version=1, parent=parent, root=V1_ROOT)
 
 
@@ -307,6 +313,8 @@ def _setup_v2(root: Path, parent: str) -> Cgroups:
             (root / "cgroup.subtree_control").write_text(want)
         d.mkdir(exist_ok=True)
         (d / "cgroup.subtree_control").write_text(want)
+        with contextlib.suppress(OSError):
+            (d / "cpu.weight").write_text(str(JAILS_CPU_WEIGHT))  # see _setup_v1
     except OSError as exc:
         raise JailUnavailable(
             f"cannot prepare cgroup v2 parent {d}: {exc.strerror}. The gateway needs a delegated "

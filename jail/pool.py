@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from .command import JailConfig, JailSpec
 from .errors import WorkerError
 from .proxy import ProxyHandler
-from .result import Ending, JailResult, decide
-from .worker import Invocation, Worker
+from .result import JailResult
+from .worker import Invocation, Worker, start_within_timeout
 
 HOT_S = 1.0  # called again within this many seconds: keep a second warm worker
 
@@ -109,21 +109,9 @@ class WarmPool:
                     proxy_rate_per_s=self.proxy_rate_per_s,
                 )
                 self.stats.started += 1
-                try:
-                    async with asyncio.timeout(spec.limits.timeout_s):
-                        await worker.start()
-                except TimeoutError:
-                    await worker.aclose(kill=True)
-                    fields = decide(Ending(limits=spec.limits, timed_out=True))
-                    return JailResult(wall_ms=(time.monotonic() - t0) * 1000.0, **fields)
-                except WorkerError as exc:
-                    await worker.aclose(kill=True)
-                    return JailResult(
-                        outcome="jail_failure",
-                        error_type="JailFailure",
-                        error_message=str(exc),
-                        wall_ms=(time.monotonic() - t0) * 1000.0,
-                    )
+                failed = await start_within_timeout(worker, t0)
+                if failed is not None:
+                    return failed
             else:
                 self.stats.reused += 1
             deadline = t0 + spec.limits.timeout_s if kind == "cold" else None

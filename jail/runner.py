@@ -17,11 +17,11 @@ from pathlib import Path
 
 from . import _interp, cgroups
 from .command import JailConfig, JailSpec
-from .errors import JailError, JailUnavailable, WorkerError
+from .errors import JailError, JailUnavailable
 from .limits import Limits
 from .proxy import ProxyHandler
-from .result import Ending, JailResult, decide
-from .worker import Invocation, Worker
+from .result import JailResult
+from .worker import Invocation, Worker, start_within_timeout
 
 RUNTIME_SRC = Path(__file__).parent / "runtime"
 REPO_CFG = Path(__file__).resolve().parent.parent / "nsjail.cfg"
@@ -220,21 +220,9 @@ class JailRunner:
             proxy_handler=self.proxy_handler,
             proxy_rate_per_s=self.proxy_rate_per_s,
         )
-        try:
-            async with asyncio.timeout(spec.limits.timeout_s):
-                await worker.start()
-        except TimeoutError:
-            await worker.aclose(kill=True)
-            fields = decide(Ending(limits=spec.limits, timed_out=True))
-            return JailResult(wall_ms=(time.monotonic() - t0) * 1000.0, **fields)
-        except WorkerError as exc:
-            await worker.aclose(kill=True)
-            return JailResult(
-                outcome="jail_failure",
-                wall_ms=(time.monotonic() - t0) * 1000.0,
-                error_type="JailFailure",
-                error_message=f"{exc}; nsjail said: {worker.nsjail_log[-500:]}",
-            )
+        failed = await start_within_timeout(worker, t0)
+        if failed is not None:
+            return failed
         try:
             deadline = t0 + spec.limits.timeout_s  # start-up and call share one timeout
             result = await worker.invoke(inv, start="cold", deadline=deadline)

@@ -25,6 +25,7 @@ from .runtime import _frames
 
 NSJAIL_LOG_CAP = 64 * 1024
 CLOSE_GRACE_S = 1.0
+CANCEL_GRACE_S = 0.5  # for the zygote to kill a timed-out child and answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +273,7 @@ class Worker:
                         raise WorkerError(f"unexpected frame {op!r}")
         except TimeoutError:
             end.timed_out = True
+            end.done = await self._cancel(logs)
         except (WorkerError, ConnectionError):
             pass  # the runtime died or broke the protocol: decided below
         except asyncio.CancelledError:
@@ -285,7 +287,7 @@ class Worker:
         after = self._last_counters = self._counters()
         end.oom_kills = after["oom_kill"] - before["oom_kill"]
         end.pids_hits = after["pids_max"] - before["pids_max"]
-        broken = end.done is None or end.timed_out or end.host_output_limit
+        broken = end.done is None or end.host_output_limit
         if broken:
             await self.aclose(kill=True)
             end.nsjail_exit = self.proc.returncode if self.proc else None
@@ -313,6 +315,26 @@ class Worker:
             start="warm" if start == "warm" else "cold",
             **fields,
         )
+
+    async def _cancel(self, logs: _Collector) -> dict[str, Any] | None:
+        """Past the deadline: ask the zygote to kill the child and wait briefly
+        for its "done". The worker stays warm if that comes (a timeout then
+        costs the next call no cold start); None means it did not, and the
+        caller closes the whole jail."""
+        assert self._writer is not None
+        try:
+            async with asyncio.timeout(CANCEL_GRACE_S):
+                self._writer.write(_frames.encode({"op": "cancel"}))
+                await self._writer.drain()
+                while True:
+                    header, _ = await self._read_frame(self.spec.limits.response_bytes)
+                    if header.get("op") == "done":
+                        return header
+                    for item in header.get("lines") or []:
+                        if isinstance(item, list) and len(item) == 3:
+                            logs.add(str(item[0]), str(item[1]))
+        except (TimeoutError, WorkerError, ConnectionError):
+            return None
 
     def _counters(self) -> dict[str, int]:
         if self.slot is None:
@@ -412,3 +434,25 @@ class Worker:
                 await self._writer.wait_closed()
         if self.proxy is not None:
             await self.proxy.aclose()
+
+
+async def start_within_timeout(worker: Worker, t0: float) -> JailResult | None:
+    """Start a worker within its function's timeout. A failed start is the
+    invocation's result (``timeout`` or ``jail_failure``); None means started."""
+    lim = worker.spec.limits
+    try:
+        async with asyncio.timeout(lim.timeout_s):
+            await worker.start()
+    except TimeoutError:
+        await worker.aclose(kill=True)
+        fields = decide(Ending(limits=lim, timed_out=True))
+        return JailResult(wall_ms=(time.monotonic() - t0) * 1000.0, **fields)
+    except WorkerError as exc:
+        await worker.aclose(kill=True)
+        return JailResult(
+            outcome="jail_failure",
+            wall_ms=(time.monotonic() - t0) * 1000.0,
+            error_type="JailFailure",
+            error_message=f"{exc}; nsjail said: {worker.nsjail_log[-500:]}",
+        )
+    return None

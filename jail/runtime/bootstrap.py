@@ -285,6 +285,10 @@ class Child:
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         poller.register(pidfd, select.POLLIN)
+        # The gateway may cancel (its deadline passed): kill the child, keep
+        # this worker, answer "done" as usual. A closed channel means the same.
+        poller.register(ctl, select.POLLIN)
+        cancelled = False
         status = rusage = None
         drain_deadline = None
         while by_fd:
@@ -294,6 +298,16 @@ class Child:
                 if timeout == 0:
                     break
             for fd, _ev in poller.poll(timeout):
+                if fd == ctl:
+                    poller.unregister(ctl)
+                    try:
+                        _frames.read_frame(ctl, 0)  # {"op": "cancel"}; any frame cancels
+                    except (EOFError, _frames.FrameError, OSError):
+                        pass
+                    cancelled = True
+                    if status is None:
+                        os.kill(pid, SIGKILL)
+                    continue
                 if fd == pidfd:
                     _, status, rusage = os.wait4(pid, 0)
                     poller.unregister(pidfd)
@@ -321,6 +335,7 @@ class Child:
             inv.flush(final=True)
             done = {
                 "op": "done",
+                "cancelled": cancelled,
                 "exit_code": None,
                 "early": True,
                 "limit": None,
@@ -340,6 +355,7 @@ class Child:
         inv.flush(final=True)
         done = {
             "op": "done",
+            "cancelled": cancelled,
             "exit_code": os.waitstatus_to_exitcode(status),
             "cpu_ms": (rusage.ru_utime + rusage.ru_stime) * 1000.0,
             "maxrss_kb": rusage.ru_maxrss,
