@@ -53,6 +53,9 @@ class SqliteStore(Store):
         self._reader_count = readers
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._pending_bulk: list[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
+        ] = []
         self._flusher: asyncio.Task[None] | None = None
         self._readers: ThreadPoolExecutor | None = None
         self._write_conn: sqlite3.Connection | None = None
@@ -137,7 +140,7 @@ class SqliteStore(Store):
 
     # -- running work on the store's threads ----------------------------------------------
 
-    async def _write(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _write(self, op: Callable[[sqlite3.Connection], _T], *, bulk: bool = False) -> _T:
         """Run ``op`` in the writer thread, atomically (group commit).
 
         Writes that arrive while a batch is in the writer thread wait and go
@@ -148,7 +151,7 @@ class SqliteStore(Store):
         if self._writer is None:
             raise StoreError("store_closed", "the store is not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, fut))
+        (self._pending_bulk if bulk else self._pending).append((op, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return cast("_T", await fut)
@@ -156,8 +159,13 @@ class SqliteStore(Store):
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         writer = self._writer
-        while self._pending:
+        while self._pending or self._pending_bulk:
+            # Small writes (records, KV, deploys) all go at once; bulk ones (log
+            # chunks, retention) one per batch, so a chatty function's logs never
+            # hold everyone else's records behind them.
             batch, self._pending = self._pending, []
+            if self._pending_bulk:
+                batch.append(self._pending_bulk.pop(0))
             try:
                 outcomes = await loop.run_in_executor(
                     writer, self._in_write_batch, [op for op, _ in batch]
@@ -379,7 +387,7 @@ class SqliteStore(Store):
     async def append_logs(self, lines: Sequence[NewLogLine]) -> None:
         if lines:
             batch = list(lines)
-            await self._write(lambda c: logs.append(c, batch, self._scopes))
+            await self._write(lambda c: logs.append(c, batch, self._scopes), bulk=True)
 
     async def query_logs(
         self,
@@ -449,7 +457,8 @@ class SqliteStore(Store):
         return await self._write(
             lambda c: records.enforce_retention(
                 c, max_lines=max_lines_per_function, cutoff=cutoff, budget=batch
-            )
+            ),
+            bulk=True,
         )
 
 

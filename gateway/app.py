@@ -42,6 +42,7 @@ from .store import FunctionVersion, NotFound, Store, Tenant, open_store
 
 log = structlog.get_logger("nsfaas.gateway")
 RESERVED = ("/api/", "/fn/", "/healthz", "/metrics")
+RETENTION_BATCH = 1000  # log lines deleted per store write
 
 
 class Gateway:
@@ -170,9 +171,16 @@ class Gateway:
         s = self.settings
         while True:
             try:
-                await self.store.enforce_retention(
-                    max_lines_per_function=s.log_retention_lines, max_age_s=s.log_retention_s
-                )
+                # Small batches, repeated while there is work: each holds the
+                # store's writer for milliseconds, not a quarter of a second.
+                for _ in range(100):
+                    deleted = await self.store.enforce_retention(
+                        max_lines_per_function=s.log_retention_lines,
+                        max_age_s=s.log_retention_s,
+                        batch=RETENTION_BATCH,
+                    )
+                    if deleted < RETENTION_BATCH:
+                        break
             except Exception:
                 log.exception("retention_failed")
             await asyncio.sleep(5.0)
