@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -343,7 +342,3 @@ def create_app(settings: Settings) -> Starlette:
     app.state.gateway = gw
     app.add_middleware(RequestContextMiddleware)
     return app
-
-
-def examples_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "functions"

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -90,6 +91,7 @@ class Invoker:
         self.on_logs = on_logs
         self.unavailable_reason: str | None = None
         self._code_locks: dict[str, asyncio.Lock] = {}
+        self._unpacked: set[str] = set()  # digests known to be on disk: no stat per call
 
     def limits_for(self, fv: FunctionVersion) -> Limits:
         s = self.settings
@@ -104,11 +106,12 @@ class Invoker:
             request_bytes=s.max_request_bytes,
         )
 
-    async def code_dir(self, digest: str) -> Any:
+    async def code_dir(self, digest: str) -> Path:
+        """The unpacked, precompiled code of a version (unpacked once per digest)."""
         assert self.runner is not None
         runner = self.runner
         path = runner.code_dir(digest)
-        if path.exists():
+        if digest in self._unpacked:
             return path
         lock = self._code_locks.setdefault(digest, asyncio.Lock())
         async with lock:
@@ -117,6 +120,7 @@ class Invoker:
                 await asyncio.to_thread(
                     runner.ensure_code, digest, lambda p: unpack_bundle(blob, p)
                 )
+        self._unpacked.add(digest)
         return path
 
     def pool_key(self, fv: FunctionVersion) -> str:

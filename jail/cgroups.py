@@ -29,9 +29,6 @@ class Cgroups:
     parent: str  # name of our parent cgroup (v1: under each controller mount)
     root: Path  # v1: /sys/fs/cgroup (controllers below); v2: our parent cgroup dir
 
-    def mount(self, controller: str) -> Path:
-        return self.root / controller
-
 
 SLOT_PREFIX = "slot-"
 JAILS_CPU_SHARES = 512  # v1; a task of the gateway weighs 1024
@@ -331,7 +328,3 @@ def children_of(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(p) for p in text.split()]
-
-
-def cpu_count() -> int:
-    return os.cpu_count() or 1

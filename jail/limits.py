@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +36,6 @@ class Limits:
     @property
     def effective_cpu_s(self) -> int:
         return self.cpu_s or max(1, math.ceil(self.timeout_s))
-
-    def with_overrides(self, **changes: object) -> Limits:
-        return replace(self, **changes)  # type: ignore[arg-type]
 
     def for_runtime(self) -> dict[str, int]:
         """The part of the limits the zygote enforces on its children."""

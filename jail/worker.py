@@ -113,7 +113,6 @@ class Worker:
         self.ready = False
         self.load_error: dict[str, Any] | None = None
         self.invocations = 0
-        self.started_at = 0.0
         self.last_used = 0.0
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -169,7 +168,6 @@ class Worker:
                 log_fd=log_w,
                 cgroup_procs=self.config.slots.procs_files(slot),
             )
-            self.started_at = time.monotonic()
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=asyncio.subprocess.DEVNULL,

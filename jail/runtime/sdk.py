@@ -36,8 +36,6 @@ __all__ = [
     "Response",
 ]
 
-LEVELS = ("debug", "info", "warning", "error", "critical")
-
 
 class Headers:
     """Case-insensitive, read-only mapping of request headers (first value wins)."""
