@@ -385,6 +385,8 @@ def _kill_stragglers() -> None:
 
 def _wipe_tmp(path: str = "/tmp") -> None:
     """Between warm invocations, leave /tmp as empty as a fresh jail's."""
+    if os.getpid() != 1:
+        return  # not a jail's pid 1 (a bare run on a host): the host's /tmp is not ours
     try:
         entries = list(os.scandir(path))
     except OSError:
@@ -399,35 +401,6 @@ def _wipe_tmp(path: str = "/tmp") -> None:
                 os.unlink(entry.path)
         except OSError:
             pass
-
-
-def _wipe_ipc() -> None:
-    """Between warm invocations, remove the SysV shared memory, message queues
-    and semaphores an invocation made: the warm jail's IPC namespace outlives
-    each invocation, so they would otherwise be seen by the next one."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-    except (ImportError, OSError):
-        return
-    buf = ctypes.create_string_buffer(512)
-    ipc_rmid = 0
-    # (name, *_INFO, *_STAT_ANY, *_STAT); semctl takes a semnum before the command
-    for name, info, stat_any, stat in (
-        ("shmctl", 14, 15, 13),
-        ("msgctl", 12, 13, 11),
-        ("semctl", 19, 20, 18),
-    ):
-        ctl = getattr(libc, name)
-        pre = (0,) if name == "semctl" else ()
-        highest = int(ctl(0, *pre, info, buf))  # the highest index in use, -1 on error
-        for index in range(highest + 1):
-            ident = int(ctl(index, *pre, stat_any, buf))
-            if ident < 0:
-                ident = int(ctl(index, *pre, stat, buf))
-            if ident >= 0:
-                ctl(ident, *pre, ipc_rmid, None)
 
 
 def main(argv: list[str]) -> int:
@@ -473,7 +446,6 @@ def main(argv: list[str]) -> int:
             child = None
             if not once:
                 _wipe_tmp()
-                _wipe_ipc()
                 child = Child(fn, max_body)
         elif op == "exit":
             return 0
