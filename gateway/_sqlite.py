@@ -52,7 +52,11 @@ class SqliteStore(Store):
         self._blob_dir = self._data_dir / "blobs"
         self._reader_count = readers
         self._writer: ThreadPoolExecutor | None = None
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        # Keyed so that a finished invocation's record can replace its own
+        # still-queued "running" insert (one write instead of two under load).
+        self._pending: dict[
+            object, tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
+        ] = {}
         self._pending_bulk: list[
             tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
         ] = []
@@ -140,7 +144,9 @@ class SqliteStore(Store):
 
     # -- running work on the store's threads ----------------------------------------------
 
-    async def _write(self, op: Callable[[sqlite3.Connection], _T], *, bulk: bool = False) -> _T:
+    async def _write(
+        self, op: Callable[[sqlite3.Connection], _T], *, bulk: bool = False, key: object = None
+    ) -> _T:
         """Run ``op`` in the writer thread, atomically (group commit).
 
         Writes that arrive while a batch is in the writer thread wait and go
@@ -151,7 +157,10 @@ class SqliteStore(Store):
         if self._writer is None:
             raise StoreError("store_closed", "the store is not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        (self._pending_bulk if bulk else self._pending).append((op, fut))
+        if bulk:
+            self._pending_bulk.append((op, fut))
+        else:
+            self._pending[key if key is not None else fut] = (op, fut)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return cast("_T", await fut)
@@ -163,7 +172,7 @@ class SqliteStore(Store):
             # Small writes (records, KV, deploys) all go at once; bulk ones (log
             # chunks, retention) one per batch, so a chatty function's logs never
             # hold everyone else's records behind them.
-            batch, self._pending = self._pending, []
+            batch, self._pending = list(self._pending.values()), {}
             if self._pending_bulk:
                 batch.append(self._pending_bulk.pop(0))
             try:
@@ -349,10 +358,22 @@ class SqliteStore(Store):
     # -- invocation records ---------------------------------------------------------------
 
     async def insert_invocation(self, rec: InvocationRecord) -> None:
-        await self._write(lambda c: records.insert_invocation(c, rec))
+        await self._write(lambda c: records.insert_invocation(c, rec), key=("start", rec.id))
 
-    async def finish_invocation(self, rec: InvocationRecord) -> None:
-        await self._write(lambda c: records.finish_invocation(c, rec))
+    async def finish_invocation(
+        self, rec: InvocationRecord, lines: Sequence[NewLogLine] = ()
+    ) -> None:
+        queued = self._pending.pop(("start", rec.id), None)
+        if queued is not None and not queued[1].done():
+            queued[1].set_result(None)  # the upsert below writes the whole record
+        batch = list(lines)
+
+        def op(c: sqlite3.Connection) -> None:
+            if batch:
+                logs.append(c, batch, self._scopes)
+            records.finish_invocation(c, rec)
+
+        await self._write(op)
 
     async def get_invocation(self, invocation_id: str) -> InvocationRecord:
         return await self._read(lambda c: records.get_invocation(c, invocation_id))

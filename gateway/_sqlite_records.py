@@ -24,7 +24,9 @@ _SELECT = f"SELECT {_COLUMNS} FROM invocations"  # noqa: S608
 
 
 def insert_invocation(conn: sqlite3.Connection, rec: InvocationRecord) -> None:
-    conn.execute(_INSERT, astuple(rec))
+    # The start of an invocation that already finished (its record was written
+    # first) must not overwrite the finished record.
+    conn.execute(_INSERT + " ON CONFLICT (id) DO NOTHING", astuple(rec))
 
 
 def finish_invocation(conn: sqlite3.Connection, rec: InvocationRecord) -> None:

@@ -220,7 +220,6 @@ class Invoker:
         inserted: asyncio.Task[None],
     ) -> None:
         wall_ms = (time.monotonic() - t0) * 1000.0
-        await inserted
         lines = [
             NewLogLine(
                 ts=e.ts,
@@ -265,11 +264,14 @@ class Invoker:
         )
         # In chunks: one chatty invocation's thousands of lines must not hold the
         # store's single writer (and every other invocation's record) for long.
-        for i in range(0, len(lines), LOG_CHUNK):
-            await self.store.append_logs(lines[i : i + LOG_CHUNK])
+        # The last chunk goes with the record: one write for a typical call.
+        last = max(0, len(lines) - LOG_CHUNK)
+        for i in range(0, last, LOG_CHUNK):
+            await self.store.append_logs(lines[i : min(i + LOG_CHUNK, last)])
+        await self.store.finish_invocation(final, lines[last:])
+        await inserted  # done by now (or replaced by the finish while queued)
         if lines:
             self.on_logs()
-        await self.store.finish_invocation(final)
         self.metrics.invocations.labels(record.function, result.outcome).inc()
         self.metrics.duration.labels(record.function).observe(wall_ms / 1000.0)
         if result.outcome not in ("rejected", "jail_failure"):

@@ -437,8 +437,11 @@ class Store(abc.ABC):
     async def insert_invocation(self, rec: InvocationRecord) -> None: ...
 
     @abc.abstractmethod
-    async def finish_invocation(self, rec: InvocationRecord) -> None:
-        """Store every field of `rec` under its id (inserting it if the start was lost)."""
+    async def finish_invocation(
+        self, rec: InvocationRecord, lines: Sequence[NewLogLine] = ()
+    ) -> None:
+        """Store every field of `rec` under its id (inserting it if the start was lost),
+        with its last log `lines`, all in one atomic write."""
 
     @abc.abstractmethod
     async def get_invocation(self, invocation_id: str) -> InvocationRecord: ...

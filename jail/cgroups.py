@@ -61,6 +61,9 @@ class SlotPool:
         # Unique per pool: several pools (gateways, tests) may share a machine.
         self._prefix = f"{SLOT_PREFIX}{os.getpid()}-{secrets.token_hex(3)}-"
         self.busy: set[str] = set()
+        # Counters are read twice per invocation: their files stay open (pread
+        # at 0 regenerates a cgroup file) instead of an open/read/close each time.
+        self._counter_fds: dict[str, tuple[int, int]] = {}
 
     def dirs(self, name: str) -> list[Path]:
         if self.groups.version == 2:
@@ -128,19 +131,28 @@ class SlotPool:
 
     def counters(self, name: str) -> dict[str, int]:
         """Cumulative OOM kills and pids-limit hits of a slot (compare before/after)."""
-        if self.groups.version == 2:
-            d = self.groups.root / name
-            return {
-                "oom_kill": _read_key(d / "memory.events", "oom_kill"),
-                "pids_max": _read_key(d / "pids.events", "max"),
-            }
-        base = self.groups.root
-        return {
-            "oom_kill": _read_key(
-                base / "memory" / self.groups.parent / name / "memory.oom_control", "oom_kill"
-            ),
-            "pids_max": _read_key(base / "pids" / self.groups.parent / name / "pids.events", "max"),
-        }
+        fds = self._counter_fds.get(name)
+        if fds is None:
+            if self.groups.version == 2:
+                d = self.groups.root / name
+                files = (d / "memory.events", d / "pids.events")
+            else:
+                base = self.groups.root
+                files = (
+                    base / "memory" / self.groups.parent / name / "memory.oom_control",
+                    base / "pids" / self.groups.parent / name / "pids.events",
+                )
+            try:
+                oom = os.open(files[0], os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return {"oom_kill": 0, "pids_max": 0}
+            try:
+                pids = os.open(files[1], os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                os.close(oom)
+                return {"oom_kill": 0, "pids_max": 0}
+            fds = self._counter_fds[name] = (oom, pids)
+        return {"oom_kill": _pread_key(fds[0], "oom_kill"), "pids_max": _pread_key(fds[1], "max")}
 
     def peak_memory_bytes(self, name: str) -> int | None:
         path = (
@@ -176,6 +188,8 @@ class SlotPool:
         self._free.append(name)
 
     def _remove(self, name: str) -> None:
+        for fd in self._counter_fds.pop(name, ()):
+            os.close(fd)
         for d in self.dirs(name):
             with contextlib.suppress(OSError):
                 d.rmdir()
@@ -214,10 +228,10 @@ def _write(path: Path, value: object) -> None:
         f.write(str(value))
 
 
-def _read_key(path: Path, key: str) -> int:
+def _pread_key(fd: int, key: str) -> int:
     try:
-        text = path.read_text()
-    except OSError:
+        text = os.pread(fd, 4096, 0).decode()
+    except (OSError, UnicodeDecodeError):
         return 0
     for line in text.splitlines():
         name, _, value = line.partition(" ")

@@ -549,8 +549,28 @@ async def test_invocation_insert_finish_get(store: SqliteStore) -> None:
     )
     await store.finish_invocation(done)
     assert await store.get_invocation("inv1") == done
+    await store.insert_invocation(rec)  # a late start never overwrites the finish
+    assert await store.get_invocation("inv1") == done
     with pytest.raises(NotFound):
         await store.get_invocation("nope")
+
+
+async def test_finish_replaces_a_queued_start_and_writes_its_logs(store: SqliteStore) -> None:
+    """Under load the start and the finish of a short invocation meet in the
+    writer's queue: the finish (record and log lines in one write) replaces it."""
+    rec = invocation("inv-q", 1000.0)
+    done = replace(rec, status=200, outcome="ok", wall_ms=1.0, log_lines=1)
+    line = NewLogLine(
+        ts=1000.5, invocation_id="inv-q", tenant_id=rec.tenant_id, function=rec.function,
+        level="info", message="hello from the queue", fields={},
+    )
+    started = asyncio.ensure_future(store.insert_invocation(rec))
+    await asyncio.sleep(0)  # the start is queued, not yet written
+    await store.finish_invocation(done, [line])
+    await started
+    assert await store.get_invocation("inv-q") == done
+    got, _ = await store.query_logs(invocation_id="inv-q")
+    assert [g.message for g in got] == ["hello from the queue"]
 
 
 async def test_list_invocations_pages_newest_first_with_filters(store: SqliteStore) -> None:
