@@ -125,10 +125,13 @@ class Gateway:
                 nsjail=s.nsjail,
                 python=s.runtime_python,
                 base_cfg=s.jail_config,
+                spare_launchers=s.spare_launchers,
             )
             await self.runner.self_check()
             self.unavailable = None
         except JailUnavailable as exc:
+            if self.runner is not None:
+                await self.runner.aclose()  # its spare launchers and slots
             self.runner = None
             self.unavailable = str(exc)
             log.error("jails_unavailable", reason=str(exc))

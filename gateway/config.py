@@ -57,6 +57,7 @@ class Settings:
     warm_max_workers: int = 4  # idle workers kept per function version
     warm_min_workers: int = 0  # started ahead of traffic per function version
     warm_memory_budget_mb: int = 2048  # sum of memory limits of idle warm workers
+    spare_launchers: int = 2  # launchers waiting inside cgroup slots for the next jail start
     proxy_rate_per_s: float = 200.0  # host-proxy calls per invocation per second (burst = 2x)
     invoke_depth: int = 4  # ctx.invoke nesting
     extra: Mapping[str, str] = field(default_factory=dict)

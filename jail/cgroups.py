@@ -73,31 +73,39 @@ class SlotPool:
     def procs_files(self, name: str) -> list[Path]:
         return [d / "cgroup.procs" for d in self.dirs(name)]
 
-    def acquire(self, limits: SlotLimits) -> str:
-        """A free slot configured for ``limits`` (blocking sysfs writes; call from a thread)."""
+    def acquire(self, limits: SlotLimits | None) -> str:
+        """A free slot configured for ``limits`` (blocking sysfs writes; call from a thread).
+        None leaves it unconfigured, for ``configure`` later."""
         name = self._free.pop() if self._free else self._create()
         try:
-            self._configure(name, limits)
+            if limits is not None:
+                self._configure(name, limits)
         except OSError:
             self._remove(name)  # e.g. removed under us: start over with a new one
             name = self._create()
-            self._configure(name, limits)
+            if limits is not None:
+                self._configure(name, limits)
         self.busy.add(name)
         return name
 
-    def acquire_free(self, limits: SlotLimits) -> str | None:
+    def acquire_free(self, limits: SlotLimits | None) -> str | None:
         """A free slot, configured, or None: a few small sysfs writes to an
         empty cgroup, cheap enough for the event loop (mkdir is not)."""
         if not self._free:
             return None
         name = self._free.pop()
         try:
-            self._configure(name, limits)
+            if limits is not None:
+                self._configure(name, limits)
         except OSError:
             self._remove(name)
             return None
         self.busy.add(name)
         return name
+
+    def configure(self, name: str, limits: SlotLimits) -> None:
+        """Set a busy slot's limits (and reset its peak memory)."""
+        self._configure(name, limits)
 
     def _create(self) -> str:
         self._next += 1

@@ -12,11 +12,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ._interp import Interpreter
 from .cgroups import Cgroups, SlotLimits, SlotPool
 from .limits import Limits
+
+if TYPE_CHECKING:
+    from .launcher import Launchers
 
 RUNTIME_DST = "/opt/nsfaas"
 CODE_DST = "/function"
@@ -41,6 +44,7 @@ class JailConfig:
     cgroups: Cgroups
     slots: SlotPool
     shell: Path = Path("/bin/sh")
+    launchers: Launchers | None = None  # prepared, already-joined launchers (cold starts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import _interp, cgroups
 from .command import JailConfig, JailSpec
 from .errors import JailError, JailUnavailable
+from .launcher import Launchers
 from .limits import Limits
 from .proxy import ProxyHandler
 from .result import JailResult
@@ -154,6 +155,7 @@ class JailRunner:
         python: str | None = None,
         base_cfg: Path | None = None,
         cgroup_parent: str = "nsfaas",
+        spare_launchers: int = 2,
     ) -> JailRunner:
         """Blocking set-up (call it from a thread): finds nsjail and the
         interpreter, prepares cgroups and the runtime. Raises JailUnavailable."""
@@ -183,11 +185,14 @@ class JailRunner:
             cgroups=groups,
             slots=slots,
             shell=Path(shell),
+            launchers=Launchers(str(interpreter.exe), slots, spare=spare_launchers),
         )
         return cls(config, jail_dir)
 
     async def aclose(self) -> None:
         """Finish pending teardowns, then remove the cgroup slots this runner made."""
+        if self.config.launchers is not None:
+            await self.config.launchers.aclose()
         await self.settle()
         await asyncio.to_thread(self.config.slots.close)
 

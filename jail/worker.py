@@ -17,8 +17,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import cgroups as cg
+from .cgroups import SlotLimits
 from .command import JailConfig, JailSpec, build_command, slot_limits
 from .errors import WorkerError
+from .launcher import Prepared
 from .proxy import CallContext, HostProxy, ProxyHandler
 from .result import Ending, JailResult, LogEntry, decide, frame_usage, log_entry
 from .runtime import _frames
@@ -150,8 +152,41 @@ class Worker:
             except OSError as exc:
                 raise WorkerError(f"cannot create the proxy socket: {exc}") from None
             self.spec = replace(self.spec, proxy_dir=self.proxy.dir)
+        limits = slot_limits(self.spec)
+        launchers = self.config.launchers
+        prepared = launchers.take() if launchers is not None else None
+        if prepared is not None:
+            host, log_r = await self._launch_prepared(prepared, limits)
+        else:
+            host, log_r = await self._launch(limits)
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=host)
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        self._tasks = [
+            asyncio.create_task(self._pump(proc.stdout, "stdout")),
+            asyncio.create_task(self._pump(proc.stderr, "stderr")),
+            asyncio.create_task(self._pump_fd(log_r)),
+        ]
         try:
-            limits = slot_limits(self.spec)
+            header, _ = await self._read_frame(0)
+        except (WorkerError, asyncio.CancelledError):
+            await self.aclose(kill=True)
+            raise
+        if header.get("op") == "load_error":
+            self.load_error = header
+        elif header.get("op") != "ready":
+            await self.aclose(kill=True)
+            raise WorkerError(f"unexpected first frame {header.get('op')!r}")
+        self.ready = True
+        self.jail_pid = next(iter(cg.children_of(proc.pid)), None)
+        if self.jail_pid is not None:
+            with contextlib.suppress(OSError):
+                # A pidfd pins the process: a later kill can never hit a reused pid.
+                self._jail_pidfd = os.pidfd_open(self.jail_pid)
+
+    async def _launch(self, limits: SlotLimits) -> tuple[socket.socket, int]:
+        """Start nsjail through the plain launcher, which joins the slot itself."""
+        try:
             slot = self.config.slots.acquire_free(limits)
             if slot is None:  # making a new cgroup (mkdir) goes to a thread
                 slot = await asyncio.to_thread(self.config.slots.acquire, limits)
@@ -183,29 +218,29 @@ class Worker:
         finally:
             jail.close()
             os.close(log_w)
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=host)
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._tasks = [
-            asyncio.create_task(self._pump(self.proc.stdout, "stdout")),
-            asyncio.create_task(self._pump(self.proc.stderr, "stderr")),
-            asyncio.create_task(self._pump_fd(log_r)),
-        ]
+        return host, log_r
+
+    async def _launch_prepared(
+        self, prepared: Prepared, limits: SlotLimits
+    ) -> tuple[socket.socket, int]:
+        """Hand nsjail's command line to a launcher already inside its slot."""
+        self.slot = prepared.slot
+        self.proc = prepared.proc
         try:
-            header, _ = await self._read_frame(0)
-        except (WorkerError, asyncio.CancelledError):
-            await self.aclose(kill=True)
-            raise
-        if header.get("op") == "load_error":
-            self.load_error = header
-        elif header.get("op") != "ready":
-            await self.aclose(kill=True)
-            raise WorkerError(f"unexpected first frame {header.get('op')!r}")
-        self.ready = True
-        self.jail_pid = next(iter(cg.children_of(self.proc.pid)), None)
-        if self.jail_pid is not None:
-            with contextlib.suppress(OSError):
-                # A pidfd pins the process: a later kill can never hit a reused pid.
-                self._jail_pidfd = os.pidfd_open(self.jail_pid)
+            self.config.slots.configure(prepared.slot, limits)
+            cmd = build_command(
+                self.config,
+                self.spec,
+                ctl_fd=prepared.ctl_fd,
+                log_fd=prepared.log_fd,
+                cgroup_procs=self.config.slots.procs_files(prepared.slot),
+            )
+            prepared.launch(cmd[cmd.index(str(self.config.nsjail)) :])
+        except OSError as exc:
+            prepared.ctl.close()
+            os.close(prepared.log_r)
+            raise WorkerError(f"cannot start nsjail: {exc}") from None
+        return prepared.ctl, prepared.log_r
 
     async def invoke(
         self, inv: Invocation, *, start: str = "cold", deadline: float | None = None

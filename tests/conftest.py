@@ -27,7 +27,10 @@ def runner() -> Iterator[JailRunner]:
     jail_dir = Path(tempfile.mkdtemp(prefix="nsfaas-t-", dir="/tmp"))
     os.chmod(jail_dir, 0o711)  # noqa: S103 (the jail uid must traverse it)
     try:
-        r = JailRunner.create(jail_dir=jail_dir)
+        # No prepared launchers here: this runner outlives each test's event loop,
+        # and they are asyncio subprocesses of the loop that made them. The gateway
+        # tests (one loop per app) and tests/jail/test_launcher.py cover them.
+        r = JailRunner.create(jail_dir=jail_dir, spare_launchers=0)
 
         async def check() -> None:
             await r.self_check()

@@ -159,6 +159,9 @@ async def test_two_hundred_invocations_leave_nothing_behind(private_runner: Jail
     assert failures == [], "\n".join(failures[:5])
     assert sum(outcomes.values()) == 200
     assert elapsed < 60, elapsed
+    launchers = runner.config.launchers
+    assert launchers is not None and launchers.used > 0  # cold starts took prepared ones
+    await launchers.aclose()  # as the gateway's shutdown does
 
     # No process: neither a jail's nor a daemon's.
     assert jail_uid_processes() == {}

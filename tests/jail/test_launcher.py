@@ -1,0 +1,77 @@
+"""Prepared launchers: joined to a cgroup slot before a cold start needs one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from jail import JailRunner, Limits
+from jail.launcher import Launchers
+from tests.jailtest import describe, invocation, make_deploy
+
+BOMB = "def handler(request, ctx):\n    x = bytearray(200 << 20)\n    return len(x)\n"
+HELLO = "def handler(request, ctx):\n    return {'hello': request.text()}\n"
+
+
+async def _until_ready(launchers: Launchers, n: int) -> None:
+    async with asyncio.timeout(15):
+        while launchers.ready < n:
+            await asyncio.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+async def test_cold_starts_take_prepared_launchers_with_the_functions_limits() -> None:
+    jail_dir = Path(tempfile.mkdtemp(prefix="nsfaas-l-", dir="/tmp"))
+    os.chmod(jail_dir, 0o711)  # noqa: S103 (the jail uid must traverse it)
+    runner = await asyncio.to_thread(JailRunner.create, jail_dir=jail_dir, spare_launchers=2)
+    try:
+        launchers = runner.config.launchers
+        assert launchers is not None
+        slots = runner.config.slots
+        deploy = make_deploy(runner)
+        hello = runner.spec(deploy(HELLO), "handler:handler", Limits(timeout_s=5, memory_mb=64))
+        bomb = runner.spec(deploy(BOMB), "handler:handler", Limits(timeout_s=5, memory_mb=64))
+
+        # Nothing prepared yet: the first start joins its slot itself, and asks for spares.
+        r = await runner.run(hello, invocation("one"))
+        assert (r.outcome, r.body) == ("ok", b'{"hello": "one"}'), describe(r)
+        assert launchers.used == 0
+        await _until_ready(launchers, 2)
+        # Each waits inside its slot's cgroups already (every controller's cgroup.procs).
+        waiting = {p.slot: p.proc.pid for p in launchers._ready}
+        for slot, pid in waiting.items():
+            for procs in slots.procs_files(slot):
+                assert str(pid) in procs.read_text().split(), (procs, pid)
+
+        # The next cold start execs nsjail from one of them, with this function's
+        # limits written to that slot: the memory limit holds.
+        r = await runner.run(bomb, invocation("boom"))
+        assert launchers.used == 1
+        assert (r.outcome, r.limit_name) == ("oom", "memory"), describe(r)
+        r = await runner.run(hello, invocation("two"))
+        assert (r.outcome, r.body) == ("ok", b'{"hello": "two"}'), describe(r)
+        assert launchers.used == 2
+        await runner.settle()
+
+        # Shutdown: the idle launchers exit without exec and their slots are freed.
+        await _until_ready(launchers, 2)
+        pids = [p.proc.pid for p in launchers._ready]
+        held = launchers.held
+        await runner.aclose()
+        assert launchers.ready == 0
+        assert not any(_alive(pid) for pid in pids)
+        assert not any(slots.pids_in(s) for s in held)
+        assert slots.busy == set()
+        assert launchers.take() is None  # closed: cold starts use the plain launcher
+    finally:
+        shutil.rmtree(jail_dir, ignore_errors=True)
