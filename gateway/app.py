@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from jail import JailRunner, JailUnavailable, choose_jail_dir
+from jail import JailRunner, JailUnavailable, Limits, choose_jail_dir
 from jail.pool import WarmPool
 
 from . import api_functions as fns
@@ -126,6 +126,9 @@ class Gateway:
                 python=s.runtime_python,
                 base_cfg=s.jail_config,
                 spare_launchers=s.spare_launchers,
+                usual_limits=Limits(
+                    memory_mb=s.default_memory_mb, pids=s.pids, cpu_ms_per_sec=s.cpu_ms_per_sec
+                ),
             )
             await self.runner.self_check()
             self.unavailable = None

@@ -64,6 +64,8 @@ class SlotPool:
         # Counters are read twice per invocation: their files stay open (pread
         # at 0 regenerates a cgroup file) instead of an open/read/close each time.
         self._counter_fds: dict[str, tuple[int, int]] = {}
+        # What each slot is set to: a slot reused with the same limits needs no writes.
+        self._limits: dict[str, SlotLimits] = {}
 
     def dirs(self, name: str) -> list[Path]:
         if self.groups.version == 2:
@@ -104,7 +106,7 @@ class SlotPool:
         return name
 
     def configure(self, name: str, limits: SlotLimits) -> None:
-        """Set a busy slot's limits (and reset its peak memory)."""
+        """Set a busy slot's limits."""
         self._configure(name, limits)
 
     def _create(self) -> str:
@@ -115,6 +117,13 @@ class SlotPool:
         return name
 
     def _configure(self, name: str, lim: SlotLimits) -> None:
+        if self._limits.get(name) == lim:
+            return
+        self._limits.pop(name, None)  # unknown until every write below has landed
+        self._write_limits(name, lim)
+        self._limits[name] = lim
+
+    def _write_limits(self, name: str, lim: SlotLimits) -> None:
         quota = lim.cpu_ms_per_sec * 100  # µs per 100 ms period
         if self.groups.version == 2:
             d = self.groups.root / name
@@ -131,7 +140,6 @@ class SlotPool:
         _write(mem / "memory.limit_in_bytes", lim.memory_bytes)
         if memsw.exists():
             _write(memsw, lim.memory_bytes)  # memory + swap == memory: no swap
-        _write(mem / "memory.max_usage_in_bytes", 0)
         _write(self.groups.root / "pids" / self.groups.parent / name / "pids.max", lim.pids)
         cpu = self.groups.root / "cpu" / self.groups.parent / name
         _write(cpu / "cpu.cfs_period_us", 100000)
@@ -162,21 +170,6 @@ class SlotPool:
             fds = self._counter_fds[name] = (oom, pids)
         return {"oom_kill": _pread_key(fds[0], "oom_kill"), "pids_max": _pread_key(fds[1], "max")}
 
-    def peak_memory_bytes(self, name: str) -> int | None:
-        path = (
-            self.groups.root / name / "memory.peak"
-            if self.groups.version == 2
-            else self.groups.root
-            / "memory"
-            / self.groups.parent
-            / name
-            / "memory.max_usage_in_bytes"
-        )
-        try:
-            return int(path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
     def pids_in(self, name: str) -> list[int]:
         out: list[int] = []
         for f in self.procs_files(name):
@@ -196,6 +189,7 @@ class SlotPool:
         self._free.append(name)
 
     def _remove(self, name: str) -> None:
+        self._limits.pop(name, None)
         for fd in self._counter_fds.pop(name, ()):
             os.close(fd)
         for d in self.dirs(name):

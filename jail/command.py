@@ -70,7 +70,10 @@ def nsjail_time_limit(spec: JailSpec) -> int:
 
 
 def slot_limits(spec: JailSpec) -> SlotLimits:
-    lim = spec.limits
+    return slot_limits_for(spec.limits)
+
+
+def slot_limits_for(lim: Limits) -> SlotLimits:
     return SlotLimits(
         memory_bytes=(lim.memory_mb + RUNTIME_MEMORY_MB) * 1024 * 1024,
         pids=lim.pids + RUNTIME_PIDS,

@@ -66,10 +66,20 @@ class Prepared:
 class Launchers:
     """Up to ``spare`` prepared launchers (0 disables them)."""
 
-    def __init__(self, python: str, slots: cg.SlotPool, *, spare: int = 2) -> None:
+    def __init__(
+        self,
+        python: str,
+        slots: cg.SlotPool,
+        *,
+        spare: int = 2,
+        limits: cg.SlotLimits | None = None,
+    ) -> None:
         self.python = python
         self.slots = slots
         self.spare = spare
+        # The usual function's limits, written ahead too: taking a launcher for
+        # a function with exactly these limits then costs no cgroup writes.
+        self.limits = limits
         self._ready: list[Prepared] = []
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
@@ -123,9 +133,9 @@ class Launchers:
             self._ready.append(prepared)
 
     async def _prepare(self) -> Prepared:
-        slot = self.slots.acquire_free(None)
+        slot = self.slots.acquire_free(self.limits)
         if slot is None:  # mkdir of a new slot is slow: a thread
-            slot = await asyncio.to_thread(self.slots.acquire, None)
+            slot = await asyncio.to_thread(self.slots.acquire, self.limits)
         try:
             host, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError:

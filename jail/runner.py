@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import _interp, cgroups
-from .command import JailConfig, JailSpec
+from .command import JailConfig, JailSpec, slot_limits_for
 from .errors import JailError, JailUnavailable
 from .launcher import Launchers
 from .limits import Limits
@@ -156,6 +156,7 @@ class JailRunner:
         base_cfg: Path | None = None,
         cgroup_parent: str = "nsfaas",
         spare_launchers: int = 2,
+        usual_limits: Limits | None = None,
     ) -> JailRunner:
         """Blocking set-up (call it from a thread): finds nsjail and the
         interpreter, prepares cgroups and the runtime. Raises JailUnavailable."""
@@ -185,7 +186,12 @@ class JailRunner:
             cgroups=groups,
             slots=slots,
             shell=Path(shell),
-            launchers=Launchers(str(interpreter.exe), slots, spare=spare_launchers),
+            launchers=Launchers(
+                str(interpreter.exe),
+                slots,
+                spare=spare_launchers,
+                limits=slot_limits_for(usual_limits or Limits()),
+            ),
         )
         return cls(config, jail_dir)
 
