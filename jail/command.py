@@ -8,7 +8,6 @@ are ever produced; nothing a tenant sends reaches this list unvalidated
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,7 +102,6 @@ def build_command(
     ctl_fd: int,
     log_fd: int,
     cgroup_procs: Sequence[Path],
-    fds_fd: int,
 ) -> list[str]:
     lim = spec.limits
     interp = config.interpreter
@@ -144,7 +142,7 @@ def build_command(
     cmd += ["--bindmount_ro", f"{spec.code_dir}:{CODE_DST}"]
     if spec.proxy_dir is not None:
         cmd += ["--bindmount_ro", f"{spec.proxy_dir}:{PROXY_DST}"]
-    cmd += ["--pass_fd", str(ctl_fd), "--pass_fd", str(fds_fd)]
+    cmd += ["--pass_fd", str(ctl_fd)]
     cmd += [
         "--",
         "/usr/bin/python3",
@@ -157,7 +155,5 @@ def build_command(
         spec.entrypoint,
         spec.mode,
         str(lim.request_bytes),
-        str(fds_fd),
-        json.dumps(lim.for_runtime(), separators=(",", ":"), sort_keys=True),
     ]
     return cmd

@@ -53,8 +53,6 @@ class Prepared:
     slot: str
     ctl: socket.socket  # the gateway's end of the control channel
     ctl_fd: int  # the jail's end, as numbered inside the launcher
-    fds: socket.socket  # the gateway's end of the fd channel
-    fds_fd: int  # the jail's end, as numbered inside the launcher
     log_r: int  # nsjail's log, read end
     log_fd: int  # nsjail's log, write end, as numbered inside the launcher
 
@@ -140,7 +138,6 @@ class Launchers:
             slot = await asyncio.to_thread(self.slots.acquire, self.limits)
         try:
             host, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            fds_host, fds_jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError:
             self.slots.release(slot)
             raise
@@ -158,21 +155,19 @@ class Launchers:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=(jail.fileno(), fds_jail.fileno(), log_w),
+                pass_fds=(jail.fileno(), log_w),
                 start_new_session=True,
             )
         except OSError:
             host.close()
-            fds_host.close()
             os.close(log_r)
             self.slots.release(slot)
             raise
         finally:
-            ctl_fd, fds_fd = jail.fileno(), fds_jail.fileno()
+            ctl_fd = jail.fileno()
             jail.close()
-            fds_jail.close()
             os.close(log_w)
-        prepared = Prepared(proc, slot, host, ctl_fd, fds_host, fds_fd, log_r, log_w)
+        prepared = Prepared(proc, slot, host, ctl_fd, log_r, log_w)
         try:
             assert proc.stdout is not None
             async with asyncio.timeout(10):
@@ -194,7 +189,6 @@ class Launchers:
                     p.proc.kill()
                 await p.proc.wait()
         p.ctl.close()
-        p.fds.close()
         with contextlib.suppress(OSError):
             os.close(p.log_r)
         for _ in range(100):  # the exited launcher leaves the cgroup a moment later

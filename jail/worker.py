@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import signal
 import socket
-import stat
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -127,9 +125,6 @@ class Worker:
         self._jail_pidfd: int | None = None
         self.slot: str | None = None
         self._last_counters: dict[str, int] | None = None
-        # The fd channel: the zygote sends each pre-forked child's stdin through it.
-        self._fds: socket.socket | None = None
-        self._child = 0  # the number of the child whose stdin we hold or last used
 
     @property
     def nsjail_log(self) -> str:
@@ -164,8 +159,6 @@ class Worker:
             host, log_r = await self._launch_prepared(prepared, limits)
         else:
             host, log_r = await self._launch(limits)
-        assert self._fds is not None
-        self._fds.setblocking(False)
         self._reader, self._writer = await asyncio.open_unix_connection(sock=host)
         proc = self.proc
         assert proc is not None and proc.stdout is not None and proc.stderr is not None
@@ -201,7 +194,6 @@ class Worker:
         except OSError as exc:
             raise WorkerError(f"cannot prepare the jail's cgroup: {exc}") from None
         host, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._fds, fds_jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_r, log_w = os.pipe()
         try:
             cmd = build_command(
@@ -210,14 +202,13 @@ class Worker:
                 ctl_fd=jail.fileno(),
                 log_fd=log_w,
                 cgroup_procs=self.config.slots.procs_files(slot),
-                fds_fd=fds_jail.fileno(),
             )
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=(jail.fileno(), fds_jail.fileno(), log_w),
+                pass_fds=(jail.fileno(), log_w),
                 start_new_session=True,
             )
         except OSError as exc:
@@ -226,7 +217,6 @@ class Worker:
             raise WorkerError(f"cannot start nsjail: {exc}") from None
         finally:
             jail.close()
-            fds_jail.close()
             os.close(log_w)
         return host, log_r
 
@@ -236,7 +226,6 @@ class Worker:
         """Hand nsjail's command line to a launcher already inside its slot."""
         self.slot = prepared.slot
         self.proc = prepared.proc
-        self._fds = prepared.fds
         try:
             self.config.slots.configure(prepared.slot, limits)
             cmd = build_command(
@@ -245,7 +234,6 @@ class Worker:
                 ctl_fd=prepared.ctl_fd,
                 log_fd=prepared.log_fd,
                 cgroup_procs=self.config.slots.procs_files(prepared.slot),
-                fds_fd=prepared.fds_fd,
             )
             prepared.launch(cmd[cmd.index(str(self.config.nsjail)) :])
         except OSError as exc:
@@ -297,13 +285,9 @@ class Worker:
             )
         try:
             async with asyncio.timeout(budget):
-                stdin = await self._next_stdin()
-                try:
-                    await _write_all(stdin, _frames.encode(inv.frame_header(self.spec), inv.body))
-                except (BrokenPipeError, ConnectionError):
-                    pass  # the child is gone: its "done" says how
-                finally:
-                    os.close(stdin)
+                assert self._writer is not None
+                self._writer.write(_frames.encode(inv.frame_header(self.spec), inv.body))
+                await self._writer.drain()
                 while True:
                     header, body = await self._read_frame(lim.response_bytes)
                     op = header.get("op")
@@ -373,7 +357,7 @@ class Worker:
         assert self._writer is not None
         try:
             async with asyncio.timeout(CANCEL_GRACE_S):
-                self._writer.write(_frames.encode({"op": "cancel", "child": self._child}))
+                self._writer.write(_frames.encode({"op": "cancel"}))
                 await self._writer.drain()
                 while True:
                     header, _ = await self._read_frame(self.spec.limits.response_bytes)
@@ -384,45 +368,6 @@ class Worker:
                             logs.add(str(item[0]), str(item[1]))
         except (TimeoutError, WorkerError, ConnectionError):
             return None
-
-    async def _next_stdin(self) -> int:
-        """The write end of the next pre-forked child's stdin, from the fd channel.
-
-        It comes from inside the jail, so it is checked: one fd, the expected
-        child number, and a pipe opened for writing; anything else breaks the
-        worker (it is closed, never reused).
-        """
-        sock = self._fds
-        assert sock is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                msg, fds, _flags, _ = socket.recv_fds(sock, 32, 1)
-                break
-            except BlockingIOError:
-                ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(sock.fileno(), _settle, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(sock.fileno())
-            except OSError as exc:
-                raise WorkerError(f"the runtime's fd channel failed: {exc}") from None
-        expected = self._child + 1
-        ok = len(fds) == 1 and msg == f"{expected}\n".encode()
-        for fd in fds[1:]:
-            os.close(fd)
-        if ok:
-            st = os.fstat(fds[0])
-            flags = fcntl.fcntl(fds[0], fcntl.F_GETFL)
-            ok = stat.S_ISFIFO(st.st_mode) and flags & os.O_ACCMODE == os.O_WRONLY
-        if not ok:
-            if fds:
-                os.close(fds[0])
-            raise WorkerError("the runtime sent something other than a child's stdin")
-        self._child = expected
-        os.set_blocking(fds[0], False)
-        return fds[0]
 
     def _counters(self) -> dict[str, int]:
         if self.slot is None:
@@ -522,29 +467,6 @@ class Worker:
                 await self._writer.wait_closed()
         if self.proxy is not None:
             await self.proxy.aclose()
-        if self._fds is not None:
-            self._fds.close()
-
-
-def _settle(fut: asyncio.Future[None]) -> None:
-    if not fut.done():  # a reader/writer callback may fire again before it is removed
-        fut.set_result(None)
-
-
-async def _write_all(fd: int, data: bytes) -> None:
-    """Write to a non-blocking pipe, waiting for room as the reader drains it."""
-    loop = asyncio.get_running_loop()
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            room: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(fd, _settle, room)
-            try:
-                await room
-            finally:
-                loop.remove_writer(fd)
 
 
 async def start_within_timeout(worker: Worker, t0: float) -> JailResult | None:

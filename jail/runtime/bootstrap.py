@@ -25,12 +25,10 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal
-    import socket as _socket
     from collections.abc import Callable
     from typing import Any
 else:
     import _signal
-    import _socket
 
 # -I leaves the script's folder off sys.path; the runtime comes first so a
 # function's own modules cannot shadow it.
@@ -54,7 +52,6 @@ SIGKILL = 9
 EXIT_GRACE_S = 0.5  # after its answer, a child has this long to exit before SIGKILL
 
 RESULT_FD, LOG_FD = 3, 4
-_SOL_SOCKET, _SCM_RIGHTS = 1, 1  # Linux values (the socket module is not imported)
 PROXY_SOCKET = "/run/nsfaas/proxy.sock"
 MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
 CO_COROUTINE = 0x80
@@ -66,8 +63,9 @@ _handler_pid = 0
 class Invocation:
     """The zygote's view of one running child: pipes, counters, caps."""
 
-    def __init__(self, limits: dict[str, Any], ctl: int) -> None:
+    def __init__(self, header: dict[str, Any], ctl: int) -> None:
         self.ctl = ctl
+        limits = header.get("limits", {})
         self.log_bytes_cap = int(limits.get("log_bytes", 1 << 20))
         self.log_lines_cap = int(limits.get("log_lines", 10000))
         self.response_cap = int(limits.get("response_bytes", 6 << 20))
@@ -245,13 +243,10 @@ class Child:
     """A pre-forked child waiting on its stdin for one request.
 
     Forking happens after the previous invocation (or right after start-up),
-    off the request's critical path. The write end of the child's stdin goes
-    to the gateway (over the fd channel), which writes the request straight
-    into the child: the zygote never relays or even sees it, and the request
-    costs one process wake-up instead of two.
+    off the request's critical path: an invocation costs two pipe writes.
     """
 
-    def __init__(self, fn: Handler, max_body: int, number: int) -> None:
+    def __init__(self, fn: Handler, max_body: int) -> None:
         reads: dict[str, int] = {}
         writes: dict[str, int] = {}
         for name in ("stdin", "stdout", "stderr", "ctx", "result"):
@@ -266,27 +261,23 @@ class Child:
                 (LOG_FD, writes["ctx"]),
             ):
                 os.dup2(fd, target)
-            os.closerange(LOG_FD + 1, MAX_FD)  # the control and fd channels above all
+            os.closerange(LOG_FD + 1, MAX_FD)  # the control channel above all
             run_child(fn, max_body)
         os.close(reads.pop("stdin"))
         self.request_fd = writes.pop("stdin")
         for fd in writes.values():
             os.close(fd)
         self.pid = pid
-        self.number = number
         self.pipes = reads
 
-    def hand_over(self, fdsock: Any) -> None:
-        """Give the gateway the child's stdin, tagged with the child's number."""
-        fdsock.sendmsg(
-            [b"%d\n" % self.number],
-            [(_SOL_SOCKET, _SCM_RIGHTS, self.request_fd.to_bytes(4, sys.byteorder))],
-        )
+    def serve(self, header: dict[str, Any], body: bytes, ctl: int) -> None:
+        inv = Invocation(header, ctl)
+        t0 = time.monotonic()
+        try:
+            _frames.write_all(self.request_fd, _frames.encode(header, body))
+        except OSError:
+            pass  # the child is gone; its exit status tells the rest
         os.close(self.request_fd)
-
-    def serve(self, limits: dict[str, Any], ctl: int) -> bool:
-        """Collect the child's output until it is done; False: the gateway hung up."""
-        inv = Invocation(limits, ctl)
         pid = self.pid
         by_fd = {fd: name for name, fd in self.pipes.items()}
         pidfd = os.pidfd_open(pid)
@@ -295,7 +286,7 @@ class Child:
             poller.register(fd, select.POLLIN)
         poller.register(pidfd, select.POLLIN)
         # The gateway may cancel (its deadline passed): kill the child, keep
-        # this worker, answer "done" as usual. A closed channel ends the worker.
+        # this worker, answer "done" as usual. A closed channel means the same.
         poller.register(ctl, select.POLLIN)
         cancelled = False
         status = rusage = None
@@ -308,19 +299,15 @@ class Child:
                     break
             for fd, _ev in poller.poll(timeout):
                 if fd == ctl:
+                    poller.unregister(ctl)
                     try:
-                        frame, _ = _frames.read_frame(ctl, 0)
+                        _frames.read_frame(ctl, 0)  # {"op": "cancel"}; any frame cancels
                     except (EOFError, _frames.FrameError, OSError):
-                        frame = {"op": "exit"}
-                    if frame.get("op") == "exit":
-                        _end_child(pid, pidfd, status)
-                        return False
-                    if frame.get("op") == "cancel" and frame.get("child") == self.number:
-                        poller.unregister(ctl)
-                        cancelled = True
-                        if status is None:
-                            os.kill(pid, SIGKILL)
-                    continue  # a late cancel of an earlier child: nothing to do
+                        pass
+                    cancelled = True
+                    if status is None:
+                        os.kill(pid, SIGKILL)
+                    continue
                 if fd == pidfd:
                     _, status, rusage = os.wait4(pid, 0)
                     poller.unregister(pidfd)
@@ -346,14 +333,21 @@ class Child:
         if early:
             # Every pipe is closed and the result is whole: answer now, reap after.
             inv.flush(final=True)
-            done = {"op": "done", "cancelled": cancelled, "exit_code": None, "early": True}
+            done = {
+                "op": "done",
+                "cancelled": cancelled,
+                "exit_code": None,
+                "early": True,
+                "limit": None,
+                "child_ms": (time.monotonic() - t0) * 1000.0,
+            }
             _frames.write_all(ctl, _frames.encode(done, bytes(inv.result)))
             if not select.select([pidfd], [], [], EXIT_GRACE_S)[0]:
                 os.kill(pid, SIGKILL)  # the answer is out; nothing may linger
             os.wait4(pid, 0)
             os.close(pidfd)
             _kill_stragglers()
-            return True
+            return
         if status is None or rusage is None:
             _, status, rusage = os.wait4(pid, 0)
         os.close(pidfd)
@@ -365,18 +359,10 @@ class Child:
             "exit_code": os.waitstatus_to_exitcode(status),
             "cpu_ms": (rusage.ru_utime + rusage.ru_stime) * 1000.0,
             "maxrss_kb": rusage.ru_maxrss,
+            "child_ms": (time.monotonic() - t0) * 1000.0,
             "limit": inv.limit,
         }
         _frames.write_all(ctl, _frames.encode(done, bytes(inv.result) if not inv.limit else b""))
-        return True
-
-
-def _end_child(pid: int, pidfd: int, status: object) -> None:
-    if status is None:
-        os.kill(pid, SIGKILL)
-        os.wait4(pid, 0)
-    os.close(pidfd)
-    _kill_stragglers()
 
 
 def _kill_stragglers() -> None:
@@ -425,8 +411,6 @@ def main(argv: list[str]) -> int:
     entrypoint = argv[2]
     once = argv[3] == "once"
     max_body = int(argv[4])
-    fdsock = _socket.socket(fileno=int(argv[5]))
-    limits = _frames.decode_header(argv[6].encode())
     try:
         fn = load(entrypoint)
         if getattr(getattr(fn, "__code__", None), "co_flags", 0) & CO_COROUTINE:
@@ -449,20 +433,22 @@ def main(argv: list[str]) -> int:
     import gc
 
     gc.freeze()
-    number = 1
-    child = Child(fn, max_body, number)
-    child.hand_over(fdsock)
+    child: Child | None = Child(fn, max_body)
     _frames.write_all(ctl, _frames.encode({"op": "ready"}))
     while True:
-        if not child.serve(limits, ctl) or once:
-            return 0
-        _wipe_tmp()
-        number += 1
-        child = Child(fn, max_body, number)
         try:
-            child.hand_over(fdsock)
-        except OSError:
-            return 0  # the gateway is gone
+            header, body = _frames.read_frame(ctl, max_body)
+        except (EOFError, _frames.FrameError):
+            return 0
+        op = header.get("op")
+        if op == "invoke" and child is not None:
+            child.serve(header, body, ctl)
+            child = None
+            if not once:
+                _wipe_tmp()
+                child = Child(fn, max_body)
+        elif op == "exit":
+            return 0
 
 
 def _wait_for_eof(fd: int) -> None:

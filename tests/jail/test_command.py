@@ -46,13 +46,10 @@ V1_PROCS = [Path(f"/sys/fs/cgroup/{c}/nsfaas/{SLOT}/cgroup.procs") for c in ("me
 
 def build_command(config: JailConfig, spec: JailSpec, *, ctl_fd: int, log_fd: int,
                   cgroup_procs: list[Path] = V1_PROCS) -> list[str]:
-    return _build_command(
-        config, spec, ctl_fd=ctl_fd, log_fd=log_fd, cgroup_procs=cgroup_procs, fds_fd=8
-    )
+    return _build_command(config, spec, ctl_fd=ctl_fd, log_fd=log_fd, cgroup_procs=cgroup_procs)
 
 LIMITS = Limits(timeout_s=2.5, memory_mb=96, pids=10, cpu_ms_per_sec=500, file_size_mb=4,
                 open_files=50, request_bytes=1000)
-LIMITS_JSON = '{"cpu_s":3,"log_bytes":1048576,"log_lines":5000,"response_bytes":6291456}'
 SPEC = JailSpec(code_dir=Path("/srv/jail/code/abc"), entrypoint="handler:handler",
                 limits=LIMITS, proxy_dir=Path("/srv/jail/sock/p1"))
 
@@ -83,16 +80,12 @@ GOLDEN = [
     "--bindmount_ro", "/srv/jail/code/abc:/function",
     "--bindmount_ro", "/srv/jail/sock/p1:/run/nsfaas",
     "--pass_fd", "7",
-    "--pass_fd", "8",
     "--",
     # the runtime is imported as a module, so its precompiled bytecode is used
     "/usr/bin/python3", "-I", "-S", "-B", "-c",
     "import sys; sys.path.insert(0, '/opt/nsfaas'); import bootstrap; "
     "sys.exit(bootstrap.main(sys.argv))",
     "7", "handler:handler", "once", "1000",
-    # the fd channel (each child's stdin reaches the gateway through it) and the
-    # per-invocation caps the zygote enforces
-    "8", LIMITS_JSON,
 ]
 
 
@@ -138,7 +131,7 @@ def test_warm_worker_lifetime_and_cpu() -> None:
     flags = dict(_flags(cmd))
     assert flags["--time_limit"] == str(24 * 3600)
     assert flags["--rlimit_cpu"] == "inf"  # each child lowers its own RLIMIT_CPU
-    assert cmd[-6:-2] == ["3", "h:h", "warm", str(LIMITS.request_bytes)]
+    assert cmd[-4:] == ["3", "h:h", "warm", str(LIMITS.request_bytes)]
 
 
 def test_every_bind_is_read_only_and_nothing_else_is_mounted_writable() -> None:
@@ -177,15 +170,13 @@ def test_slot_limits_come_from_the_function_limits() -> None:
                                            cpu_ms_per_sec=500)
 
 
-def test_pass_fd_is_the_control_and_fd_channels_and_the_argv_is_fixed() -> None:
-    cmd = _build_command(
-        CONFIG, SPEC, ctl_fd=11, log_fd=12, cgroup_procs=V1_PROCS, fds_fd=13
-    )
-    assert [v for f, v in _flags(cmd) if f == "--pass_fd"] == ["11", "13"]
+def test_pass_fd_is_the_control_fd_and_the_argv_is_fixed() -> None:
+    cmd = build_command(CONFIG, SPEC, ctl_fd=11, log_fd=12)
+    assert ("--pass_fd", "11") in _flags(cmd)
     assert ("--log_fd", "12") in _flags(cmd)
     tail = cmd[cmd.index("--") + 1 :]
     assert tail == ["/usr/bin/python3", "-I", "-S", "-B", "-c", BOOT,
-                    "11", "handler:handler", "once", "1000", "13", LIMITS_JSON]
+                    "11", "handler:handler", "once", "1000"]
 
 
 def test_no_proxy_dir_means_no_run_mount() -> None:
