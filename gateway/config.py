@@ -59,6 +59,12 @@ class Settings:
     warm_memory_budget_mb: int = 2048  # sum of memory limits of idle warm workers
     spare_launchers: int = 2  # launchers waiting inside cgroup slots for the next jail start
     proxy_rate_per_s: float = 200.0  # host-proxy calls per invocation per second (burst = 2x)
+    # Noisy neighbours: after this many invocations in a row end at a limit
+    # (timeout, memory, output, killed), a function runs with the smaller CPU
+    # quota until one ends otherwise or penalty_s pass without another. 0: never.
+    penalty_strikes: int = 3
+    penalty_cpu_ms_per_sec: int = 100
+    penalty_s: float = 60.0
     invoke_depth: int = 4  # ctx.invoke nesting
     extra: Mapping[str, str] = field(default_factory=dict)
 

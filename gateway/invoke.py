@@ -92,14 +92,45 @@ class Invoker:
         self.unavailable_reason: str | None = None
         self._code_locks: dict[str, asyncio.Lock] = {}
         self._unpacked: set[str] = set()  # digests known to be on disk: no stat per call
+        # Per function: (invocations in a row that ended at a limit, when the last did).
+        self._strikes: dict[str, tuple[int, float]] = {}
 
-    def limits_for(self, fv: FunctionVersion) -> Limits:
+    def throttled(self, fv: FunctionVersion) -> bool:
+        """Whether this function is in the penalty box (see Settings.penalty_*)."""
         s = self.settings
+        count, last = self._strikes.get(f"{fv.tenant_id}/{fv.name}", (0, 0.0))
+        if s.penalty_strikes <= 0 or count < s.penalty_strikes:
+            return False
+        return time.monotonic() - last < s.penalty_s
+
+    def _strike(self, record: InvocationRecord, result: JailResult) -> None:
+        key = f"{record.tenant_id}/{record.function}"
+        if result.outcome in ("rejected", "jail_failure"):
+            return  # says nothing about the function's own behaviour
+        if result.outcome in ("timeout", "oom", "output_limit", "killed"):
+            count, last = self._strikes.get(key, (0, 0.0))
+            if time.monotonic() - last >= self.settings.penalty_s:
+                count = 0  # the earlier run of limits is old news
+            self._strikes[key] = (count + 1, time.monotonic())
+            if count + 1 == self.settings.penalty_strikes:
+                log.warning(
+                    "function_throttled",
+                    strikes=count + 1,
+                    cpu_ms_per_sec=self.settings.penalty_cpu_ms_per_sec,
+                )
+        else:
+            self._strikes.pop(key, None)
+
+    def limits_for(self, fv: FunctionVersion, *, throttled: bool = False) -> Limits:
+        s = self.settings
+        cpu = s.cpu_ms_per_sec
+        if throttled:
+            cpu = min(cpu, s.penalty_cpu_ms_per_sec)
         return Limits(
             timeout_s=fv.config.timeout_s,
             memory_mb=fv.config.memory_mb,
             pids=s.pids,
-            cpu_ms_per_sec=s.cpu_ms_per_sec,
+            cpu_ms_per_sec=cpu,
             log_bytes=s.max_log_bytes,
             log_lines=s.max_log_lines,
             response_bytes=s.max_response_bytes,
@@ -123,8 +154,11 @@ class Invoker:
         self._unpacked.add(digest)
         return path
 
-    def pool_key(self, fv: FunctionVersion) -> str:
-        return f"{fv.tenant_id}/{fv.name}@{fv.version}:{fv.digest}"
+    def pool_key(self, fv: FunctionVersion, *, throttled: bool = False) -> str:
+        # A throttled function's workers have the smaller CPU quota in their
+        # cgroup: a key of their own (switching retires the other's workers).
+        suffix = "+throttled" if throttled else ""
+        return f"{fv.tenant_id}/{fv.name}@{fv.version}:{fv.digest}{suffix}"
 
     async def prewarm(self, fv: FunctionVersion) -> None:
         """Start the configured minimum of warm workers for this version."""
@@ -141,7 +175,8 @@ class Invoker:
         structlog.contextvars.bind_contextvars(
             invocation_id=inv_id, function=fv.name, version=fv.version, tenant=fv.tenant_id
         )
-        limits = self.limits_for(fv)
+        throttled = self.throttled(fv)
+        limits = self.limits_for(fv, throttled=throttled)
         record = InvocationRecord(
             id=inv_id,
             tenant_id=fv.tenant_id,
@@ -168,20 +203,21 @@ class Invoker:
                     error_message=self.unavailable_reason or "jails are unavailable",
                 )
             else:
-                result = await self._run(fv, call, inv_id, limits)
+                result = await self._run(fv, call, inv_id, limits, throttled)
         except Rejected as exc:
             result = JailResult(outcome="rejected", error_type="Rejected", error_message=exc.reason)
         except asyncio.CancelledError:
             result = JailResult(
                 outcome="killed", error_type="Cancelled", error_message="the client went away"
             )
-            await asyncio.shield(self._record(record, result, t0, inserted))
+            await asyncio.shield(self._record(record, result, t0, inserted, throttled))
             raise
-        await self._record(record, result, t0, inserted)
+        await self._record(record, result, t0, inserted, throttled)
+        self._strike(record, result)
         return result, inv_id
 
     async def _run(
-        self, fv: FunctionVersion, call: Call, inv_id: str, limits: Limits
+        self, fv: FunctionVersion, call: Call, inv_id: str, limits: Limits, throttled: bool
     ) -> JailResult:
         assert self.runner is not None
         key = f"{fv.tenant_id}/{fv.name}"
@@ -207,7 +243,8 @@ class Invoker:
                     depth=call.depth,
                 )
                 if self.pool is not None:
-                    return await self.pool.run(self.pool_key(fv), spec, inv)
+                    key = self.pool_key(fv, throttled=throttled)
+                    return await self.pool.run(key, spec, inv)
                 return await self.runner.run(spec, inv)
             finally:
                 self.metrics.in_flight.dec()
@@ -218,6 +255,7 @@ class Invoker:
         result: JailResult,
         t0: float,
         inserted: asyncio.Task[None],
+        throttled: bool = False,
     ) -> None:
         wall_ms = (time.monotonic() - t0) * 1000.0
         lines = [
@@ -232,6 +270,24 @@ class Invoker:
             )
             for e in result.logs
         ]
+        if throttled:
+            s = self.settings
+            lines.insert(
+                0,
+                NewLogLine(
+                    ts=record.started_at,
+                    invocation_id=record.id,
+                    tenant_id=record.tenant_id,
+                    function=record.function,
+                    level="warning",
+                    message=(
+                        f"[nsfaas] throttled to {s.penalty_cpu_ms_per_sec} ms of CPU per second: "
+                        f"{s.penalty_strikes} or more invocations in a row ended at a limit "
+                        f"(lifted by one that does not, or after {s.penalty_s:g} s)"
+                    ),
+                    fields={"throttled": True, "stream": "runtime"},
+                ),
+            )
         if result.logs_truncated:
             lines.append(
                 NewLogLine(

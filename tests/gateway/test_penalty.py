@@ -1,0 +1,76 @@
+"""Noisy neighbours: a function that keeps hitting limits gets a smaller CPU quota."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from jail import choose_jail_dir
+
+from .conftest import Api, make_settings
+
+SPIN = """
+def handler(request, ctx):
+    if request.text() == "spin":
+        while True:
+            pass
+    return "calm"
+"""
+
+
+async def _call(api: Api, body: str) -> tuple[int, dict[str, Any]]:
+    r = await api.client.post("/fn/spinner", content=body)
+    inv = r.headers["x-invocation-id"]
+    rec = (await api.client.get(f"/api/v1/invocations/{inv}", headers=api.auth())).json()
+    return r.status_code, rec
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+async def test_repeated_limits_throttle_the_function_until_it_behaves(
+    tmp_path: Path, warm: bool
+) -> None:
+    settings = make_settings(
+        tmp_path / "data",
+        warm=warm,
+        cpu_ms_per_sec=500,
+        penalty_strikes=2,
+        penalty_cpu_ms_per_sec=50,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            api = Api(c, settings, app)
+            await api.deploy("spinner", SPIN, public=True, timeout_s=1)
+            free = []
+            for _ in range(2):  # two timeouts in a row: the second puts it in the box
+                status, rec = await _call(api, "spin")
+                assert (status, rec["outcome"]) == (504, "timeout"), rec
+                assert not any(line["fields"].get("throttled") for line in rec["logs"])
+                free.append(rec["cpu_ms"])
+            # Half a core for a second: about 500 ms of CPU each time (quota-bound).
+            assert min(free) > 250, free
+
+            status, rec = await _call(api, "spin")
+            assert (status, rec["outcome"]) == (504, "timeout"), rec
+            # 50 ms per second now; the same second of spinning gets a tenth as much.
+            assert rec["cpu_ms"] < min(free) / 3, (rec["cpu_ms"], free)
+            first = rec["logs"][0]
+            assert first["level"] == "warning" and first["fields"]["throttled"] is True
+            assert first["message"].startswith("[nsfaas] throttled to 50 ms of CPU per second")
+
+            # It still answers (slowly is fine) and an invocation within the limits
+            # lifts the penalty: the next spin gets the full quota back.
+            status, rec = await _call(api, "calm")
+            assert (status, rec["outcome"]) == (200, "ok"), rec
+            status, rec = await _call(api, "spin")
+            assert (status, rec["outcome"]) == (504, "timeout"), rec
+            assert rec["cpu_ms"] > 250, rec["cpu_ms"]
+            assert not any(line["fields"].get("throttled") for line in rec["logs"])
+            assert (await c.get("/healthz")).status_code == 200
+    shutil.rmtree(choose_jail_dir(settings.data_dir), ignore_errors=True)
