@@ -147,15 +147,22 @@ async def open_loop(
     start = time.monotonic()
 
     async def one(i: int, t: float) -> None:
+        what = ""
         try:
             async with gate:
                 r = await c.get("/fn/good", params={"id": str(i)})
             ok = r.status_code == 200 and r.json() == {"echo": str(i)}
-        except (httpx.HTTPError, ValueError):
+            what = f"{r.status_code} {r.headers.get('x-invocation-id', '-')} {r.text[:200]}"
+        except (httpx.HTTPError, ValueError) as exc:
             ok = False
+            what = f"{type(exc).__name__}: {exc}"
         lat = stats["lat"]
         assert isinstance(lat, list)
-        lat.append((time.monotonic() - t) * 1000)
+        ms = (time.monotonic() - t) * 1000
+        lat.append(ms)
+        calls = stats.setdefault("calls", [])
+        assert isinstance(calls, list)
+        calls.append((ms, t - start, ok, what))
         if not ok:
             stats["bad"] = int(stats["bad"]) + 1
 
@@ -204,12 +211,17 @@ async def main(args: argparse.Namespace) -> int:
         "NSFAAS_QUEUE_TIMEOUT_S": "30",
         "NSFAAS_FUNCTION_CONCURRENCY": "16",
     }
+    log_file = (data / "gateway.log").open("wb")
     proc = subprocess.Popen(  # noqa: ASYNC220 (start-up of the system under test)
         [sys.executable, "-m", "gateway.cli", "serve"], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=log_file, stderr=subprocess.STDOUT,
     )
+    print(f"gateway log: {data / 'gateway.log'}", file=sys.stderr)
     base = f"http://127.0.0.1:{port}"
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    # Idle connections expire on the client before uvicorn's 5 s keep-alive
+    # timeout closes them: otherwise a request can be sent on a connection the
+    # server is closing at that instant (a ReadError that is the client's race).
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits,
                                  headers={"Authorization": f"Bearer {ADMIN}"}) as c:
         for _ in range(300):
@@ -249,6 +261,22 @@ async def main(args: argparse.Namespace) -> int:
         await asyncio.gather(*hostile, sampling)
         await asyncio.sleep(args.sample_every)
         samples.append(sample(proc.pid))
+
+        # The slowest and the wrong good calls, with what the gateway recorded.
+        calls = soak_stats.get("calls", [])
+        assert isinstance(calls, list)
+        worst = sorted(calls, reverse=True)[:8] + [x for x in calls if not x[2]][:8]
+        print("\nslowest and wrong good calls (ms, s into the soak, ok, answer; record):")
+        for ms, at, ok, what in worst:
+            rec = ""
+            parts = what.split(" ")
+            if len(parts) > 1 and len(parts[1]) == 24:
+                r = await c.get(f"/api/v1/invocations/{parts[1]}")
+                if r.status_code == 200:
+                    j = r.json()
+                    rec = (f"outcome={j['outcome']} start={j['start']} wall_ms={j['wall_ms']}"
+                           f" queued={j.get('queue_ms')}")
+            print(f"  {ms:8.1f} {at:6.1f}s {ok} {what[:160]!r} {rec}")
 
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import secrets
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -108,6 +109,30 @@ class SlotPool:
     def configure(self, name: str, limits: SlotLimits) -> None:
         """Set a busy slot's limits."""
         self._configure(name, limits)
+
+    def kill_all_but(self, name: str, keep: set[int]) -> int:
+        """SIGKILL every process in a slot except ``keep``; returns how many.
+
+        Each pid is pinned with a pidfd and checked to still be in this slot
+        before the signal, so a pid reused after its process left cannot be hit.
+        """
+        killed = 0
+        for pid in set(self.pids_in(name)) - keep:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue  # gone already
+            try:
+                with open(f"/proc/{pid}/cgroup") as f:
+                    if f"/{self.groups.parent}/{name}\n" not in f.read():
+                        continue
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        return killed
 
     def _create(self) -> str:
         self._next += 1

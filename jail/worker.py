@@ -355,6 +355,12 @@ class Worker:
         costs the next call no cold start); None means it did not, and the
         caller closes the whole jail."""
         assert self._writer is not None
+        if self.slot is not None and self.jail_pid is not None and self.proc is not None:
+            # A CPU loop or fork bomb has used up the slot's CPU quota, which the
+            # zygote shares: at a low quota it would get to run (and kill them)
+            # only after several periods. The gateway kills them from outside
+            # instead, sparing nsjail and the zygote, which then just reaps.
+            self.config.slots.kill_all_but(self.slot, {self.proc.pid, self.jail_pid})
         try:
             async with asyncio.timeout(CANCEL_GRACE_S):
                 self._writer.write(_frames.encode({"op": "cancel"}))

@@ -50,6 +50,39 @@ def handler(request, ctx):
     await fn.assert_recovers()
 
 
+async def test_a_fork_bomb_on_a_small_cpu_quota_times_out_and_the_worker_stays(
+    jail: Jail, mode: str
+) -> None:
+    """At a tenth of a core (the penalty box) 15 spinning processes use up the
+    quota the zygote shares; the gateway kills them from outside at the
+    deadline, so the warm worker survives and the next call is warm."""
+    src = """
+import os
+
+def handler(request, ctx):
+    if request.text() == "calm":
+        return "calm"
+    while True:
+        try:
+            os.fork()
+        except OSError:
+            pass
+"""
+    low = Limits(timeout_s=1, memory_mb=64, pids=16, cpu_ms_per_sec=100)
+    fn = jail.function(src, mode, limits=low)
+    for _ in range(3):
+        r = await fn()
+        assert (r.outcome, r.limit_name) == ("timeout", "wall_time"), describe(r)
+        if mode == "warm":
+            assert fn.alive and fn.restarts == 0, "the cancel must finish within its grace"
+    r = await fn("calm")
+    assert (r.outcome, r.body) == ("ok", b"calm"), describe(r)
+    if mode == "warm":
+        assert fn.alive and fn.restarts == 0
+        assert r.start == "warm"
+    await fn.assert_recovers()
+
+
 async def test_thread_bomb_hits_the_pids_limit(jail: Jail, mode: str) -> None:
     src = """
 import threading, time
