@@ -45,6 +45,11 @@ class _Key:
     min_idle: int = 0
     spec: JailSpec | None = None
     last_call: float = -1e9
+    call_ms: float = 0.0  # moving average of its warm calls (0: none yet)
+    # Calls waiting for a busy worker to come back (instead of a cold start).
+    waiters: collections.deque[asyncio.Future[Worker]] = field(
+        default_factory=collections.deque
+    )
 
 
 class WarmPool:
@@ -74,6 +79,7 @@ class WarmPool:
         self._closing: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
+        self._start_ms = 0.0  # moving average of worker start times (0: none yet)
 
     @property
     def idle_workers(self) -> int:
@@ -97,9 +103,12 @@ class WarmPool:
                 break
             self.stats.replaced += 1
             self._close_later(cand)
+        wait = self._wait_budget(entry) if worker is None else 0.0
         kind = "warm"
-        entry.busy += 1
+        entry.busy += 1  # before any wait: a worker handed over meanwhile is counted
         try:
+            if wait > 0:
+                worker = await self._wait_for_worker(entry, wait)
             if worker is None:
                 kind = "cold"
                 worker = Worker(
@@ -112,14 +121,21 @@ class WarmPool:
                 failed = await start_within_timeout(worker, t0)
                 if failed is not None:
                     return failed
+                self._started_in(time.monotonic() - t0)
             else:
                 self.stats.reused += 1
             deadline = t0 + spec.limits.timeout_s if kind == "cold" else None
+            t1 = time.monotonic()
             result = await worker.invoke(inv, start=kind, deadline=deadline)
+            if kind == "warm":
+                ms = (time.monotonic() - t1) * 1000.0
+                entry.call_ms = ms if not entry.call_ms else 0.8 * entry.call_ms + 0.2 * ms
         finally:
             entry.busy -= 1
         if worker.alive and self._current.get(_fn(key)) == key and not self._closed:
-            if len(entry.idle) < self.max_idle_per_key:
+            if self._hand_over(entry, worker):
+                pass
+            elif len(entry.idle) < self.max_idle_per_key:
                 entry.idle.append(worker)
                 self._enforce_budget()
             else:
@@ -131,6 +147,52 @@ class WarmPool:
         self._hot_spare(key, entry, spec, t0)
         self.on_change(self.idle_workers)
         return replace(result, wall_ms=(time.monotonic() - t0) * 1000.0)
+
+    def _wait_budget(self, entry: _Key) -> float:
+        """How long a call may wait for a busy worker of its version (seconds).
+
+        Only when one will come back (a call is running or a worker starting)
+        and this version's calls are much shorter than starting a worker: then
+        waiting is faster on average than a cold start, and it does not add a
+        jail. Bounded by half a start, at most 250 ms.
+        """
+        if not (entry.busy or entry.starting) or not entry.call_ms or not self._start_ms:
+            return 0.0
+        if entry.call_ms * 3 >= self._start_ms:
+            return 0.0
+        return min(self._start_ms / 2, 250.0) / 1000.0
+
+    async def _wait_for_worker(self, entry: _Key, budget_s: float) -> Worker | None:
+        fut: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        entry.waiters.append(fut)
+        try:
+            return await asyncio.wait_for(fut, budget_s)
+        except TimeoutError:
+            return None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # Handed a worker just as the caller went away: it stays in use.
+                worker = fut.result()
+                if not self._hand_over(entry, worker):
+                    entry.idle.append(worker)
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                entry.waiters.remove(fut)
+
+    def _hand_over(self, entry: _Key, worker: Worker) -> bool:
+        """Give a free worker straight to the oldest waiting call, if any."""
+        while entry.waiters:
+            fut = entry.waiters.popleft()
+            if not fut.done():
+                worker.last_used = time.monotonic()
+                fut.set_result(worker)
+                return True
+        return False
+
+    def _started_in(self, seconds: float) -> None:
+        ms = seconds * 1000.0
+        self._start_ms = ms if not self._start_ms else 0.8 * self._start_ms + 0.2 * ms
 
     def _hot_spare(self, key: str, entry: _Key, spec: JailSpec, now: float) -> None:
         """A version called again within HOT_S gets a second worker, so calls
@@ -175,17 +237,20 @@ class WarmPool:
         )
         try:
             self.stats.started += 1
+            t0 = time.monotonic()
             async with asyncio.timeout(spec.limits.timeout_s):
                 await worker.start()
+            self._started_in(time.monotonic() - t0)
         except (TimeoutError, WorkerError):
             await worker.aclose(kill=True)
             return
         finally:
             entry.starting -= 1
         if worker.alive and not self._closed and self._current.get(_fn(key)) == key:
-            worker.last_used = time.monotonic()
-            entry.idle.append(worker)
-            self.on_change(self.idle_workers)
+            if not self._hand_over(entry, worker):
+                worker.last_used = time.monotonic()
+                entry.idle.append(worker)
+                self.on_change(self.idle_workers)
         else:
             await worker.aclose()
 

@@ -1,0 +1,55 @@
+"""A burst of short calls waits for a busy warm worker instead of cold-starting."""
+
+from __future__ import annotations
+
+import asyncio
+
+from jail import Invocation, JailRunner, Limits
+from jail.pool import WarmPool
+from tests.jailtest import Deploy, describe
+
+QUICK = "def handler(request, ctx):\n    return 'quick'\n"
+SLOW = "import time\ndef handler(request, ctx):\n    time.sleep(0.3)\n    return 'slow'\n"
+
+
+async def test_short_calls_queue_for_the_busy_worker(runner: JailRunner, deploy: Deploy) -> None:
+    pool = WarmPool(runner.config, max_idle_per_key=1, idle_s=30)  # no hot spare
+    pool.start()
+    try:
+        spec = runner.spec(deploy(QUICK), "handler:handler", Limits(timeout_s=5))
+        key = "t/quick@1:a"
+        first = await pool.run(key, spec, Invocation("i0", "quick", 1, "t"))
+        assert first.start == "cold", describe(first)
+        for i in range(5):  # a few warm calls: the pool learns they take milliseconds
+            r = await pool.run(key, spec, Invocation(f"w{i}", "quick", 1, "t"))
+            assert (r.start, r.body) == ("warm", b"quick"), describe(r)
+        assert pool.stats.started == 1
+        burst = await asyncio.gather(
+            *(pool.run(key, spec, Invocation(f"b{i}", "quick", 1, "t")) for i in range(3))
+        )
+        assert [r.body for r in burst] == [b"quick"] * 3
+        # One worker served all three in turn: waiting a few milliseconds for it
+        # beat starting two more jails (tens of milliseconds each).
+        assert [r.start for r in burst] == ["warm"] * 3, [describe(r) for r in burst]
+        assert pool.stats.started == 1
+    finally:
+        await pool.aclose()
+
+
+async def test_long_calls_do_not_wait(runner: JailRunner, deploy: Deploy) -> None:
+    pool = WarmPool(runner.config, max_idle_per_key=1, idle_s=30)
+    pool.start()
+    try:
+        spec = runner.spec(deploy(SLOW), "handler:handler", Limits(timeout_s=5))
+        key = "t/slow@1:a"
+        await pool.run(key, spec, Invocation("i0", "slow", 1, "t"))
+        await pool.run(key, spec, Invocation("i1", "slow", 1, "t"))  # warm: ~300 ms
+        burst = await asyncio.gather(
+            *(pool.run(key, spec, Invocation(f"b{i}", "slow", 1, "t")) for i in range(2))
+        )
+        assert [r.body for r in burst] == [b"slow"] * 2
+        # Longer than a start: the second call gets a worker of its own at once.
+        assert sorted(r.start for r in burst) == ["cold", "warm"], [describe(r) for r in burst]
+        assert pool.stats.started == 2
+    finally:
+        await pool.aclose()
