@@ -261,6 +261,12 @@ async def main(args: argparse.Namespace) -> int:
         await asyncio.gather(*hostile, sampling)
         await asyncio.sleep(args.sample_every)
         samples.append(sample(proc.pid))
+        settled = None
+        if args.settle > 0:
+            # Idle workers are reaped after NSFAAS_WARM_IDLE_S: what is left after
+            # that is what a leak would leave.
+            await asyncio.sleep(args.settle)
+            settled = sample(proc.pid)
 
         # The slowest and the wrong good calls, with what the gateway recorded.
         calls = soak_stats.get("calls", [])
@@ -293,6 +299,9 @@ async def main(args: argparse.Namespace) -> int:
           f" | {s99:.1f} |")
     print(f"\np99 ratio (soak / alone): {s99 / b99:.2f} (target <= 2.0)")
     print(f"hostile calls by outcome: {json.dumps(counts, sort_keys=True)}")
+    if settled is not None:
+        print(f"\nafter {args.settle:g} s idle: " + ", ".join(
+            f"{k} {settled[k]:.0f} ({settled[k] - samples[0][k]:+.0f})" for k in BOUNDS))
     print("\n| resource | first | last | max | growth | bound |")
     print("|---|---|---|---|---|---|")
     failures = []
@@ -318,4 +327,9 @@ if __name__ == "__main__":
     p.add_argument("--capacity-seconds", type=float, default=5.0)
     p.add_argument("--load", type=float, default=0.8, help="fraction of warm capacity")
     p.add_argument("--sample-every", type=float, default=5.0)
+    p.add_argument(
+        "--settle", type=float, default=0.0,
+        help="after the soak, sample again after this many idle seconds (set "
+        "NSFAAS_WARM_IDLE_S below it to see the resources once idle workers are reaped)",
+    )
     sys.exit(asyncio.run(main(p.parse_args())))
