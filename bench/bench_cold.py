@@ -126,9 +126,7 @@ async def run_jail(runner: JailRunner, spec: JailSpec, i: int) -> tuple[float, f
     t0 = time.perf_counter()
     result = await runner.run(spec, invocation(i))
     answer = (time.perf_counter() - t0) * 1000
-    settle = getattr(runner, "settle", None)
-    if settle is not None:
-        await settle()  # the teardown JailRunner.run leaves to a background task
+    await runner.settle()  # the teardown JailRunner.run leaves to a background task
     done = (time.perf_counter() - t0) * 1000
     if result.outcome != "ok" or result.body != EXPECTED:
         raise SystemExit(f"jail run failed: {result.outcome} {result.error_message}")
@@ -262,9 +260,7 @@ async def main() -> None:
         print("target (issue 6): cold p50 <= 1.5x the bare start")
     finally:
         if runner is not None:
-            closer = getattr(runner, "aclose", None) or getattr(runner, "settle", None)
-            if closer is not None:
-                await closer()  # background teardowns done, cgroup slots removed
+            await runner.aclose()  # background teardowns, spare launchers, cgroup slots
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -368,37 +368,22 @@ async def _warm_jail_cell(runner: Any, spec: Any, conc: int, duration: float) ->
 
 
 async def _warm_jail_cells(duration: float) -> list[Cell]:
-    from jail import JailRunner, Limits
+    from bench_cold import make_code  # the same hello, stored as the product stores it
 
-    def write(path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.mkdir(parents=True)
-        os.chmod(tmp, 0o755)  # noqa: S103 (the jail uid reads it)
-        (tmp / "handler.py").write_text(HELLO)
-        os.chmod(tmp / "handler.py", 0o644)
-        tmp.rename(path)
+    from jail import JailRunner, Limits
 
     root = Path(tempfile.mkdtemp(prefix="nsbj-", dir="/tmp"))
     os.chmod(root, 0o711)  # noqa: S103 (the jail uid traverses it)
     runner: Any = None
     try:
         runner = await asyncio.to_thread(JailRunner.create, jail_dir=root / "jail")
-        # As the gateway stores code (precompiled when it does).
-        code = await asyncio.to_thread(runner.ensure_code, "bench-hello", write)
+        code = await asyncio.to_thread(make_code, runner)
         spec = runner.spec(code, "handler:handler", Limits(timeout_s=10), mode="warm")
         return [await _warm_jail_cell(runner, spec, c, duration) for c in CONCURRENCY]
     finally:
-        await close_runner(runner)
+        if runner is not None:
+            await runner.aclose()  # background teardowns, spare launchers, cgroup slots
         shutil.rmtree(root, ignore_errors=True)
-
-
-async def close_runner(runner: Any) -> None:
-    """Wait for background teardowns and remove the runner's cgroups, where supported."""
-    for name in ("aclose", "settle"):
-        method = getattr(runner, name, None)
-        if method is not None:
-            await method()
-            return
 
 
 # -- report --------------------------------------------------------------------------------

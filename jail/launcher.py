@@ -82,6 +82,7 @@ class Launchers:
         self.limits = limits
         self._ready: list[Prepared] = []
         self._refill: asyncio.Task[None] | None = None
+        self._discards: set[asyncio.Task[None]] = set()
         self._closed = False
         self.failures = 0
         self.used = 0  # jail starts that found a prepared launcher
@@ -104,8 +105,10 @@ class Launchers:
             p = self._ready.pop()
             if p.proc.returncode is None:
                 prepared = p
-            else:
-                asyncio.get_running_loop().create_task(self._discard(p))
+            else:  # it died waiting: free its slot (the task is kept until it ends)
+                task = asyncio.get_running_loop().create_task(self._discard(p))
+                self._discards.add(task)
+                task.add_done_callback(self._discards.discard)
         self.fill()
         if prepared is not None:
             self.used += 1
@@ -202,4 +205,6 @@ class Launchers:
         if self._refill is not None:
             await asyncio.gather(self._refill, return_exceptions=True)
         ready, self._ready = self._ready, []
-        await asyncio.gather(*(self._discard(p) for p in ready), return_exceptions=True)
+        await asyncio.gather(
+            *(self._discard(p) for p in ready), *self._discards, return_exceptions=True
+        )
