@@ -69,6 +69,7 @@ class SqliteStore(Store):
         self._scopes: dict[tuple[str, str], int] = {}  # writer thread only
         self._want_fts = fts  # False: search by substring scan even if FTS5 is there
         self._fts = False
+        self.writes = 0  # write operations committed or attempted (for tests and metrics)
 
     @property
     def fts(self) -> bool:
@@ -196,6 +197,7 @@ class SqliteStore(Store):
         if conn is None:
             err = StoreError("store_closed", "the store is not open")
             return [(False, err)] * len(ops)
+        self.writes += len(ops)
         if len(ops) == 1:
             try:
                 return [(True, self._in_write(ops[0]))]

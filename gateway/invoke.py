@@ -48,6 +48,10 @@ MESSAGES = {
 
 
 LOG_CHUNK = 200  # log lines per store write
+# An invocation's "running" record is written only once it has run this long:
+# most end within milliseconds, and writing their record twice (running, then
+# finished) costs the store a second transaction for a state nobody could see.
+RUNNING_RECORD_AFTER_S = 0.1
 
 
 def new_invocation_id() -> str:
@@ -190,9 +194,7 @@ class Invoker:
             memory_mb=limits.memory_mb,
             request_bytes=len(call.body),
         )
-        # The "running" record is written while the jail starts, not before it:
-        # the store's single writer keeps insert-then-finish in order.
-        inserted = asyncio.create_task(self.store.insert_invocation(record))
+        inserted = _RunningRecord(self.store, record)
         t0 = time.monotonic()
         result: JailResult
         try:
@@ -254,10 +256,11 @@ class Invoker:
         record: InvocationRecord,
         result: JailResult,
         t0: float,
-        inserted: asyncio.Task[None],
+        inserted: _RunningRecord,
         throttled: bool = False,
     ) -> None:
         wall_ms = (time.monotonic() - t0) * 1000.0
+        inserted.stop()
         lines = [
             NewLogLine(
                 ts=e.ts,
@@ -325,7 +328,7 @@ class Invoker:
         for i in range(0, last, LOG_CHUNK):
             await self.store.append_logs(lines[i : min(i + LOG_CHUNK, last)])
         await self.store.finish_invocation(final, lines[last:])
-        await inserted  # done by now (or replaced by the finish while queued)
+        await inserted.written()  # done by now (or replaced by the finish while queued)
         if lines:
             self.on_logs()
         self.metrics.invocations.labels(record.function, result.outcome).inc()
@@ -342,6 +345,32 @@ class Invoker:
             log_lines=len(lines),
             limit=result.limit_name,
         )
+
+
+class _RunningRecord:
+    """The "running" record of an invocation that outlives RUNNING_RECORD_AFTER_S.
+
+    The store's single writer keeps insert-then-finish in order; a finish that
+    finds the insert still queued replaces it, and a late insert never
+    overwrites a finished record (the insert does nothing on conflict).
+    """
+
+    def __init__(self, store: Store, record: InvocationRecord) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(
+            RUNNING_RECORD_AFTER_S, self._start, store, record
+        )
+
+    def _start(self, store: Store, record: InvocationRecord) -> None:
+        self._task = asyncio.create_task(store.insert_invocation(record))
+
+    def stop(self) -> None:
+        """The invocation ended: no running record from now on."""
+        self._timer.cancel()
+
+    async def written(self) -> None:
+        if self._task is not None:
+            await self._task
 
 
 def to_http(result: JailResult, inv_id: str, *, head: bool = False) -> Response:

@@ -288,6 +288,47 @@ async def test_invocation_record_and_logs(api: Api) -> None:
     assert [x["id"] for x in r.json()["invocations"]] == [inv]
 
 
+async def test_running_record_appears_only_for_invocations_that_take_a_while(api: Api) -> None:
+    """A record with outcome "running" is written once an invocation has run for
+    RUNNING_RECORD_AFTER_S; a quick one gets a single write, when it ends."""
+    from gateway.invoke import RUNNING_RECORD_AFTER_S
+
+    await api.deploy("slowish", "import time\ndef handler(r, c):\n    time.sleep(1.5)\n    return 'done'\n",
+                     public=True)
+    task = asyncio.create_task(api.client.get("/fn/slowish"))
+    running: list[dict[str, object]] = []
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        r = await api.client.get("/api/v1/invocations?function=slowish", headers=api.auth())
+        running = r.json()["invocations"]
+        if running:
+            break
+    assert [x["outcome"] for x in running] == ["running"]
+    assert running[0]["wall_ms"] is None
+    resp = await task
+    assert resp.status_code == 200 and resp.text == "done"
+    assert resp.headers["x-invocation-id"] == running[0]["id"]
+    r = await api.client.get(f"/api/v1/invocations/{running[0]['id']}", headers=api.auth())
+    assert r.json()["outcome"] == "ok" and r.json()["wall_ms"] >= 1500
+    # A quick invocation is never seen running: its one record is the finished one.
+    store = api.app.state.gateway.store  # type: ignore[attr-defined]
+    await api.deploy("quick", HELLO, public=True)
+    counted = []
+    for _ in range(5):  # on a loaded machine a call may outlast the delay: try again
+        writes = store.writes
+        resp = await api.client.get("/fn/quick")
+        counted.append(store.writes - writes)
+        assert resp.status_code == 200
+        rec = (await api.client.get(f"/api/v1/invocations/{resp.headers['x-invocation-id']}",
+                                    headers=api.auth())).json()
+        assert rec["outcome"] == "ok"
+        if rec["wall_ms"] < RUNNING_RECORD_AFTER_S * 1000 / 2:
+            assert counted[-1] == 1
+            break
+    else:
+        raise AssertionError(f"no quick call in 5; store writes per call: {counted}")
+
+
 async def test_healthz_metrics_openapi(api: Api) -> None:
     r = await api.client.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
