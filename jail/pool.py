@@ -47,9 +47,7 @@ class _Key:
     last_call: float = -1e9
     call_ms: float = 0.0  # moving average of its warm calls (0: none yet)
     # Calls waiting for a busy worker to come back (instead of a cold start).
-    waiters: collections.deque[asyncio.Future[Worker]] = field(
-        default_factory=collections.deque
-    )
+    waiters: collections.deque[asyncio.Future[Worker]] = field(default_factory=collections.deque)
 
 
 class WarmPool:

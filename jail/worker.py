@@ -7,9 +7,13 @@ in a pool. Both use exactly this code, so every limit behaves the same.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import collections
 import contextlib
+import fcntl
 import os
+import select
 import signal
 import socket
 import time
@@ -21,13 +25,19 @@ from .cgroups import SlotLimits
 from .command import JailConfig, JailSpec, build_command, slot_limits
 from .errors import WorkerError
 from .launcher import Prepared
+from .limits import Limits
 from .proxy import CallContext, HostProxy, ProxyHandler
 from .result import Ending, JailResult, LogEntry, decide, frame_usage, log_entry
 from .runtime import _frames
 
 NSJAIL_LOG_CAP = 64 * 1024
 CLOSE_GRACE_S = 1.0
-CANCEL_GRACE_S = 0.5  # for the zygote to kill a timed-out child and answer
+CANCEL_GRACE_S = 0.5  # for the zygote to kill a timed-out child and report its exit
+EXIT_GRACE_S = 0.5  # after a whole answer, a child has this long to exit before SIGKILL
+MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
+CONTROL_FRAME_CAP = 64 * 1024  # control frames are small JSON objects without a body
+# A child's output channels, after its stdin (see _make_channels).
+OUTPUTS = ("stdout", "stderr", "ctx", "result")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +102,218 @@ class _Collector:
         return True
 
 
+class _Control:
+    """The gateway's end of a runtime's control socket.
+
+    From the runtime: ``ready``/``load_error``, then one ``exited`` per child.
+    To it: ``pipes`` (a child's ends of its five pipes, SCM_RIGHTS), ``cancel``,
+    ``exit``. What comes from inside the jail is checked (sizes, JSON, no
+    body); anything else breaks the channel, which retires the worker. File
+    descriptors the runtime might send are never accepted (plain recv drops them).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.frames: collections.deque[dict[str, Any]] = collections.deque()
+        self.exited: dict[int, dict[str, Any]] = {}
+        self.broken: str | None = None
+        self.waiters: list[asyncio.Future[None]] = []  # settled on anything new
+        self._buf = bytearray()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._break(f"the control channel failed: {exc}")
+            return
+        if not data:
+            self._break("the runtime closed its control channel")
+            return
+        self._buf += data
+        while len(self._buf) >= _frames.PREFIX.size:
+            hlen, blen = _frames.PREFIX.unpack_from(self._buf)
+            if hlen > CONTROL_FRAME_CAP or blen:
+                self._break("the runtime sent an oversized control frame")
+                return
+            if len(self._buf) < _frames.PREFIX.size + hlen:
+                break
+            raw = bytes(self._buf[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
+            del self._buf[: _frames.PREFIX.size + hlen]
+            try:
+                header = _frames.decode_header(raw)
+            except _frames.FrameError as exc:
+                self._break(str(exc))
+                return
+            if header.get("op") == "exited" and isinstance(header.get("n"), int):
+                self.exited[header["n"]] = header
+                if len(self.exited) > 2:
+                    self.exited.pop(min(self.exited))
+            elif len(self.frames) < 8:
+                self.frames.append(header)
+            else:
+                self._break("the runtime sent unexpected control frames")
+                return
+        self._wake()
+
+    def _break(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+            self._loop.remove_reader(self.sock.fileno())
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for fut in waiters:
+            _settle(fut)
+
+    async def wait(self) -> None:
+        """Until something new arrives (or the channel breaks)."""
+        if self.broken is not None:
+            raise WorkerError(self.broken)
+        fut = self._loop.create_future()
+        self.waiters.append(fut)
+        await fut
+
+    async def frame(self) -> dict[str, Any]:
+        while not self.frames:
+            await self.wait()
+        return self.frames.popleft()
+
+    def send(self, header: dict[str, Any], fds: list[int] | None = None) -> None:
+        """A small frame to the runtime, with file descriptors attached if any.
+
+        The runtime reads its control socket whenever it is not forking, so a
+        full socket buffer means it stopped: the channel breaks.
+        """
+        data = _frames.encode(header)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            if self.sock.sendmsg([data], rights) != len(data):
+                self._break("the runtime stopped reading its control channel")
+        except OSError as exc:
+            self._break(f"the control channel failed: {exc}")
+
+    def close(self) -> None:
+        if self.broken is None:
+            self._loop.remove_reader(self.sock.fileno())
+            self.broken = "closed"
+        self.sock.close()
+        self._wake()
+
+
+def _make_channels() -> tuple[list[int], list[int]]:
+    """A worker's channels to its children: (the gateway's ends, the jail's ends).
+
+    In the order of a child's fds 0, 1, 2, 4, 3: stdin (a socket: the child
+    answers one byte on it once it has read its request), stdout, stderr,
+    ctx.log lines, the result (pipes). Made here, once per worker:
+    only the jail's ends enter the jail, so nothing there shares an open file
+    description with the gateway (it could otherwise flip O_NONBLOCK and block
+    the event loop), and no invocation pays for new pipes or fd passing.
+    """
+    ours: list[int] = []
+    theirs: list[int] = []
+    gw, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    gw.setblocking(False)
+    ours.append(gw.detach())
+    theirs.append(jail.detach())
+    for _ in OUTPUTS:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
+        ours.append(r)
+        theirs.append(w)
+    return ours, theirs
+
+
+class _ChildRun:
+    """What one child said: log lines (split and capped here) and its result frame.
+
+    Past a cap (log bytes or lines, response size) the run stops taking
+    output and says which limit was hit.
+    """
+
+    def __init__(self, lim: Limits, logs: _Collector) -> None:
+        self.logs = logs
+        self.log_bytes_cap = lim.log_bytes
+        self.response_cap = lim.response_bytes
+        self.log_bytes = 0
+        self.partial: dict[str, bytes] = {"stdout": b"", "stderr": b"", "ctx": b""}
+        self.result = bytearray()
+        self.result_size = 0  # of the whole frame, once its prefix is in
+        self.limit: str | None = None
+        self.complete = False  # a whole result frame is in
+        self.waiters: list[asyncio.Future[None]] = []  # settled when complete or capped
+
+    def feed(self, stream: str, data: bytes) -> None:
+        if self.limit:
+            return
+        if stream != "result":
+            self._add_output(stream, data)
+        elif not self.complete:  # anything after the frame is not the answer
+            self._add_result(data)
+
+    def _add_result(self, data: bytes) -> None:
+        if self.result_size < 0:
+            return  # not a frame: the child's exit decides (no result)
+        self.result += data
+        if not self.result_size and len(self.result) >= _frames.PREFIX.size:
+            hlen, blen = _frames.PREFIX.unpack_from(self.result)
+            if hlen > _frames.MAX_HEADER:
+                self.result_size = -1
+                return
+            if blen > self.response_cap:
+                self._finish("response")
+                return
+            self.result_size = _frames.PREFIX.size + hlen + blen
+        if self.result_size and len(self.result) >= self.result_size:
+            del self.result[self.result_size :]
+            self.complete = True
+            self._finish(None)
+
+    def _add_output(self, stream: str, data: bytes) -> None:
+        self.log_bytes += len(data)
+        if self.log_bytes > self.log_bytes_cap:
+            self._finish("output")
+            return
+        *lines, rest = (self.partial[stream] + data).split(b"\n")
+        while len(rest) > MAX_LINE:
+            lines.append(rest[:MAX_LINE])
+            rest = rest[MAX_LINE:]
+        self.partial[stream] = rest
+        now = time.time()
+        for line in lines:
+            if not self.logs.add(stream, line.decode("utf-8", "replace"), now):
+                self._finish("output")
+                return
+
+    def flush_partials(self) -> None:
+        """The child is done: unterminated last lines are lines too."""
+        if self.limit:
+            return
+        now = time.time()
+        for stream, rest in self.partial.items():
+            if rest and not self.logs.add(stream, rest.decode("utf-8", "replace"), now):
+                self.limit = "output"
+                return
+        self.partial = {"stdout": b"", "stderr": b"", "ctx": b""}
+
+    def _finish(self, limit: str | None) -> None:
+        self.limit = self.limit or limit
+        waiters, self.waiters = self.waiters, []
+        for fut in waiters:
+            _settle(fut)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Worker:
     """Owns one nsjail process. Use ``start()``, ``invoke()``, ``aclose()``."""
 
@@ -116,8 +338,13 @@ class Worker:
         self.load_error: dict[str, Any] | None = None
         self.invocations = 0
         self.last_used = 0.0
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._ctl: _Control | None = None
+        self._child = 0  # the number of the last child this worker used
+        self._stdin: socket.socket | None = None  # the children's stdin (our end)
+        self._outputs: dict[int, str] = {}  # our ends of the children's outputs
+        self._run: _ChildRun | None = None  # the child whose output we are taking
+        self._desynced = False  # a child died with its request half read: retire
+        self._exit_check: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._nsjail_log = bytearray()
         self._own = _Collector(spec.limits.log_bytes, spec.limits.log_lines)
@@ -137,6 +364,8 @@ class Worker:
             and not self._closed
             and self.proc is not None
             and self.proc.returncode is None
+            and (self._ctl is None or self._ctl.broken is None)
+            and not self._desynced
         )
 
     async def start(self) -> None:
@@ -159,7 +388,8 @@ class Worker:
             host, log_r = await self._launch_prepared(prepared, limits)
         else:
             host, log_r = await self._launch(limits)
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=host)
+        self._ctl = _Control(host)
+        self._open_channels()  # the runtime forks its first child on them once loaded
         proc = self.proc
         assert proc is not None and proc.stdout is not None and proc.stderr is not None
         self._tasks = [
@@ -168,7 +398,7 @@ class Worker:
             asyncio.create_task(self._pump_fd(log_r)),
         ]
         try:
-            header, _ = await self._read_frame(0)
+            header = await self._ctl.frame()
         except (WorkerError, asyncio.CancelledError):
             await self.aclose(kill=True)
             raise
@@ -283,45 +513,48 @@ class Worker:
                     deadline=t0 + budget,
                 )
             )
+        run: _ChildRun | None = None
+        writing: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout(budget):
-                assert self._writer is not None
-                self._writer.write(_frames.encode(inv.frame_header(self.spec), inv.body))
-                await self._writer.drain()
-                while True:
-                    header, body = await self._read_frame(lim.response_bytes)
-                    op = header.get("op")
-                    if op == "logs":
-                        for item in header.get("lines") or []:
-                            if isinstance(item, list) and len(item) == 3:
-                                ts = item[2] if isinstance(item[2], int | float) else None
-                                logs.add(str(item[0]), str(item[1]), ts)
-                        if logs.bytes > 2 * lim.log_bytes + 65536:
-                            end.host_output_limit = True  # the runtime is not capping: stop it
-                            break
-                    elif op == "done":
-                        end.done, end.result_body = header, body
-                        break
-                    else:
-                        raise WorkerError(f"unexpected frame {op!r}")
+                n = await self._next_child()
+                run = self._run = _ChildRun(lim, logs)
+                header = inv.frame_header(self.spec)
+                header["n"] = n  # a child runs only the request meant for it
+                writing = self._write_request(_frames.encode(header, inv.body))
+                end.done = await self._finish(n, run)
         except TimeoutError:
             end.timed_out = True
-            end.done = await self._cancel(logs)
-        except (WorkerError, ConnectionError):
+            if run is not None:  # else the previous child never went: the jail is stuck
+                end.done = await self._cancel(self._child)
+        except WorkerError:
             pass  # the runtime died or broke the protocol: decided below
         except asyncio.CancelledError:
             # The caller went away (client disconnect, shutdown): the jail must not
             # outlive the invocation, and a half-used worker is never reused.
+            self._run = None
             await self.aclose(kill=True)
             raise
         finally:
             if self.proxy is not None:
                 self.proxy.end()
+            if writing is not None and not writing.done():
+                # The child ended without reading its whole request: the rest could
+                # reach the next child, so this worker is not used again.
+                writing.cancel()
+                end.done = None
+        self._run = None
+        if run is not None and not run.complete and end.done is not None:
+            if not self._take_acks():
+                # The child died before it had read its whole request: what is
+                # left of it could reach the next child. This worker is done.
+                self._desynced = True
+        if run is not None and end.done is not None and not end.timed_out and not run.limit:
+            end.result_body = bytes(run.result)
         after = self._last_counters = self._counters()
         end.oom_kills = after["oom_kill"] - before["oom_kill"]
         end.pids_hits = after["pids_max"] - before["pids_max"]
-        broken = end.done is None or end.host_output_limit
-        if broken:
+        if end.done is None:
             await self.aclose(kill=True)
             end.nsjail_exit = self.proc.returncode if self.proc else None
             end.nsjail_log = self._nsjail_log.decode("utf-8", "replace")
@@ -349,50 +582,181 @@ class Worker:
             **fields,
         )
 
-    async def _cancel(self, logs: _Collector) -> dict[str, Any] | None:
-        """Past the deadline: ask the zygote to kill the child and wait briefly
-        for its "done". The worker stays warm if that comes (a timeout then
-        costs the next call no cold start); None means it did not, and the
-        caller closes the whole jail."""
-        assert self._writer is not None
+    def _open_channels(self) -> None:
+        assert self._ctl is not None
+        ours, theirs = _make_channels()
+        try:
+            self._ctl.send({"op": "channels"}, theirs)
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        self._stdin = socket.socket(fileno=ours[0])
+        loop = asyncio.get_running_loop()
+        for fd, name in zip(ours[1:], OUTPUTS, strict=True):
+            self._outputs[fd] = name
+            loop.add_reader(fd, self._output, fd, name)
+
+    def _output(self, fd: int, name: str) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the runtime is gone (it holds the other ends)
+            asyncio.get_running_loop().remove_reader(fd)
+            return
+        if self._run is not None:
+            self._run.feed(name, data)
+        # else: a straggler's output after its invocation was answered: dropped
+
+    def _drain_outputs(self) -> None:
+        """Take everything already written to the children's outputs."""
+        if not self._outputs:
+            return
+        ready, _, _ = select.select(list(self._outputs), [], [], 0)  # one syscall, not four
+        for fd in ready:
+            name = self._outputs[fd]
+            for _ in range(64):  # bounded: a full pipe holds 64 KiB
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                if self._run is not None:
+                    self._run.feed(name, data)
+
+    async def _next_child(self) -> int:
+        """The number of the child that takes the next request.
+
+        The previous child must be reported gone first: its stragglers are dead
+        and whatever it left unread of its request was dropped, so the request
+        written now reaches only the next child, and what is left in the
+        outputs is the previous invocation's (dropped here).
+        """
+        ctl = self._ctl
+        if ctl is None or self._stdin is None:
+            raise WorkerError("the worker has no channels")
+        if self._child and self._child not in ctl.exited:
+            while self._child not in ctl.exited:
+                await ctl.wait()
+        self._run = None
+        self._drain_outputs()
+        self._take_acks()
+        self._child += 1
+        return self._child
+
+    def _take_acks(self) -> bool:
+        """Whether a child said (one byte on its stdin) it read its request whole."""
+        assert self._stdin is not None
+        try:
+            return bool(self._stdin.recv(4096, socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False
+
+    def _write_request(self, data: bytes) -> asyncio.Task[None] | None:
+        """Write the request into the children's stdin; a task if it did not fit."""
+        sock = self._stdin
+        assert sock is not None
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return None  # the runtime is gone: its exit (or EOF) says how
+        if sent == len(data):
+            return None
+        loop = asyncio.get_running_loop()
+        return asyncio.create_task(loop.sock_sendall(sock, data[sent:]))
+
+    async def _finish(self, n: int, run: _ChildRun) -> dict[str, Any]:
+        """Until the child's answer is complete (or it ended without one).
+
+        A whole result frame is the answer, even before the child's exit is
+        reported ("early": its exit and the runtime's clean-up happen off the
+        critical path; a child that outlives its answer by EXIT_GRACE_S is
+        killed). Everything the child logged before it wrote the result is in
+        the output pipes by then and is drained first. Past a cap the child is
+        killed at once.
+        """
+        ctl = self._ctl
+        assert ctl is not None
+        while True:
+            if run.limit:
+                self._kill_child(n)
+                exited = await self._exited(n, CANCEL_GRACE_S)
+                if exited is None:
+                    raise WorkerError("the runtime did not report a killed child")
+                return {**exited, "limit": run.limit}
+            if run.complete:
+                self._drain_outputs()
+                run.flush_partials()
+                if run.limit:
+                    continue
+                self._exit_check = asyncio.get_running_loop().call_later(
+                    EXIT_GRACE_S, self._ensure_exit, n
+                )
+                return {"early": True, "exit_code": None, "limit": None}
+            exited = ctl.exited.get(n)
+            if exited is not None:
+                # Every process that could write to the outputs is gone: drain them.
+                self._drain_outputs()
+                run.flush_partials()
+                return {**exited, "limit": run.limit}
+            if ctl.broken is not None:
+                raise WorkerError(ctl.broken)
+            event = asyncio.get_running_loop().create_future()
+            ctl.waiters.append(event)
+            run.waiters.append(event)
+            await event
+
+    def _ensure_exit(self, n: int) -> None:
+        self._exit_check = None
+        if self._ctl is not None and n not in self._ctl.exited and self._child == n:
+            self._ctl.send({"op": "cancel", "n": n})  # it answered but did not exit
+
+    def _kill_child(self, n: int) -> None:
+        """Kill the running child and everything it started, from outside and inside."""
         if self.slot is not None and self.jail_pid is not None and self.proc is not None:
             # A CPU loop or fork bomb has used up the slot's CPU quota, which the
             # zygote shares: at a low quota it would get to run (and kill them)
             # only after several periods. The gateway kills them from outside
             # instead, sparing nsjail and the zygote, which then just reaps.
             self.config.slots.kill_all_but(self.slot, {self.proc.pid, self.jail_pid})
+        if self._ctl is not None:
+            self._ctl.send({"op": "cancel", "n": n})
+
+    async def _exited(self, n: int, grace_s: float) -> dict[str, Any] | None:
+        ctl = self._ctl
+        assert ctl is not None
         try:
-            async with asyncio.timeout(CANCEL_GRACE_S):
-                self._writer.write(_frames.encode({"op": "cancel"}))
-                await self._writer.drain()
-                while True:
-                    header, _ = await self._read_frame(self.spec.limits.response_bytes)
-                    if header.get("op") == "done":
-                        return header
-                    for item in header.get("lines") or []:
-                        if isinstance(item, list) and len(item) == 3:
-                            logs.add(str(item[0]), str(item[1]))
-        except (TimeoutError, WorkerError, ConnectionError):
+            async with asyncio.timeout(grace_s):
+                while n not in ctl.exited:
+                    await ctl.wait()
+        except (TimeoutError, WorkerError):
             return None
+        return ctl.exited[n]
+
+    async def _cancel(self, n: int) -> dict[str, Any] | None:
+        """Past the deadline: kill the child and wait briefly for its exit to be
+        reported. The worker stays warm if it is (a timeout then costs the next
+        call no cold start); None means it was not, and the caller closes the jail."""
+        self._kill_child(n)
+        exited = await self._exited(n, CANCEL_GRACE_S)
+        if exited is None:
+            return None
+        self._drain_outputs()  # what it logged before it was killed
+        if self._run is not None:
+            self._run.flush_partials()
+        return {**exited, "cancelled": True}
 
     def _counters(self) -> dict[str, int]:
         if self.slot is None:
             return {"oom_kill": 0, "pids_max": 0}
         return self.config.slots.counters(self.slot)
-
-    async def _read_frame(self, max_body: int) -> tuple[dict[str, Any], bytes]:
-        assert self._reader is not None
-        try:
-            prefix = await self._reader.readexactly(_frames.PREFIX.size)
-            hlen, blen = _frames.PREFIX.unpack(prefix)
-            _frames.check_lengths(hlen, blen, max_body + _frames.MAX_HEADER + 64)
-            header = _frames.decode_header(await self._reader.readexactly(hlen))
-            body = await self._reader.readexactly(blen) if blen else b""
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise WorkerError("the runtime closed its control channel") from exc
-        except _frames.FrameError as exc:
-            raise WorkerError(str(exc)) from None
-        return header, body
 
     async def _pump(self, stream: asyncio.StreamReader, name: str) -> None:
         """The runtime's own stdout/stderr (import-time prints, load tracebacks)."""
@@ -418,6 +782,16 @@ class Worker:
         finally:
             transport.close()
 
+    def _close_channels(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in self._outputs:
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._outputs = {}
+        if self._stdin is not None:
+            self._stdin.close()
+            self._stdin = None
+
     async def aclose(self, *, kill: bool = False) -> None:
         """End the jail: politely (EOF) unless ``kill``, then forcibly; always reaped.
 
@@ -431,8 +805,11 @@ class Worker:
 
     async def _close(self, kill: bool) -> None:
         proc = self.proc
-        if self._writer is not None:
-            self._writer.close()
+        if self._exit_check is not None:
+            self._exit_check.cancel()
+        if self._ctl is not None:
+            self._ctl.close()
+        self._close_channels()
         if proc is not None and proc.returncode is None:
             if kill:
                 with contextlib.suppress(ProcessLookupError):
@@ -468,9 +845,6 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
         if self.proxy is not None:
             await self.proxy.aclose()
 

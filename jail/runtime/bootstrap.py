@@ -1,12 +1,19 @@
 """Runtime bootstrap: pid 1 of a jail. Stdlib only; never runs on the host.
 
-It imports the function once, tells the gateway it is ready, then serves
-invocations one at a time from the control fd. Each invocation runs in a
-fresh child forked from this process (the master/child pattern), so no
-memory state passes from one invocation to the next. The child talks only
-through pipes this process reads: stdout, stderr, structured log lines and one
-result frame. The control fd is closed in the child, so nothing the handler
-prints, closes or crashes can forge or corrupt what reaches the gateway.
+It imports the function once, tells the gateway it is ready, then forks one
+child per invocation (the master/child pattern), so no memory state passes
+from one invocation to the next. Each child is forked ahead of its request,
+with its fds 0-4 on channels the gateway made once per worker and sent over
+the control socket (SCM_RIGHTS): stdin, stdout, stderr, structured log lines
+and the result. The gateway writes the request straight into the child and
+reads everything the child says, with its caps; this process never relays a
+byte (two process wake-ups per invocation instead of four). It forks, reaps,
+kills stragglers and reports each child's exit; the gateway writes the next
+request only after that report, so a child's channels carry nothing of
+another invocation (and retires the worker if a child died before it had
+read its whole request). The
+control socket is closed in the child, so nothing the handler prints, closes
+or crashes can forge a control frame.
 
 Being pid 1 of the jail's pid namespace also means: signals from inside the
 jail cannot kill it, orphans are reparented to it, and kill(-1, SIGKILL)
@@ -15,8 +22,10 @@ after each invocation removes every process the invocation left behind.
 
 from __future__ import annotations
 
+import _socket  # recvmsg with SCM_RIGHTS; the `socket` module would cost a cold start ~2 ms
 import os
 import select
+import struct
 import sys
 import time
 
@@ -49,66 +58,13 @@ if TYPE_CHECKING:
     Handler = Callable[..., Any]
 MAX_FD = 1 << 16
 SIGKILL = 9
-EXIT_GRACE_S = 0.5  # after its answer, a child has this long to exit before SIGKILL
 
 RESULT_FD, LOG_FD = 3, 4
 PROXY_SOCKET = "/run/nsfaas/proxy.sock"
-MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
 CO_COROUTINE = 0x80
 # The pid of the process that runs the handler; a process the handler forked
 # returns through the same code but must never write a result frame.
 _handler_pid = 0
-
-
-class Invocation:
-    """The zygote's view of one running child: pipes, counters, caps."""
-
-    def __init__(self, header: dict[str, Any], ctl: int) -> None:
-        self.ctl = ctl
-        limits = header.get("limits", {})
-        self.log_bytes_cap = int(limits.get("log_bytes", 1 << 20))
-        self.log_lines_cap = int(limits.get("log_lines", 10000))
-        self.response_cap = int(limits.get("response_bytes", 6 << 20))
-        self.log_bytes = 0
-        self.log_lines = 0
-        self.partial: dict[str, bytes] = {"stdout": b"", "stderr": b"", "ctx": b""}
-        self.pending: list[list[str | float]] = []
-        self.result = bytearray()
-        self.limit: str | None = None
-
-    def add_output(self, stream: str, data: bytes) -> None:
-        if self.limit:
-            return
-        self.log_bytes += len(data)
-        if self.log_bytes > self.log_bytes_cap:
-            self.limit = "output"
-            return
-        buf = self.partial[stream] + data
-        *lines, rest = buf.split(b"\n")
-        while len(rest) > MAX_LINE:
-            lines.append(rest[:MAX_LINE])
-            rest = rest[MAX_LINE:]
-        self.partial[stream] = rest
-        for line in lines:
-            self.log_lines += 1
-            if self.log_lines > self.log_lines_cap:
-                self.limit = "output"
-                return
-            self.pending.append([stream, line.decode("utf-8", "replace"), time.time()])
-
-    def flush(self, final: bool = False) -> None:
-        if final and not self.limit:
-            for stream, rest in self.partial.items():
-                if rest:
-                    self.pending.append([stream, rest.decode("utf-8", "replace"), time.time()])
-        if self.pending:
-            _frames.write_all(self.ctl, _frames.encode({"op": "logs", "lines": self.pending}))
-            self.pending = []
-
-    def add_result(self, data: bytes) -> None:
-        self.result += data
-        if len(self.result) > self.response_cap + _frames.MAX_HEADER:
-            self.limit = "response"
 
 
 def load(entrypoint: str) -> Handler:
@@ -120,7 +76,7 @@ def load(entrypoint: str) -> Handler:
     return fn
 
 
-def run_child(fn: Handler, max_body: int) -> None:
+def run_child(fn: Handler, max_body: int, n: int) -> None:
     """Runs in the pre-forked child: waits for its one request, answers, exits."""
     global _handler_pid
     _handler_pid = os.getpid()
@@ -132,6 +88,13 @@ def run_child(fn: Handler, max_body: int) -> None:
             header, body = _frames.read_frame(0, max_body)
         except (EOFError, _frames.FrameError):
             os._exit(0)  # the worker is shutting down: no invocation for this child
+        if header.get("n") != n:
+            # Meant for an earlier child that died before reading it: never
+            # answer someone else's request (the gateway retires this worker).
+            os._exit(75)
+        # The gateway learns from this byte that the request was read whole (a
+        # child that dies before it is not trusted to have left stdin clean).
+        os.write(0, b"\x06")
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
@@ -243,126 +206,70 @@ class Child:
     """A pre-forked child waiting on its stdin for one request.
 
     Forking happens after the previous invocation (or right after start-up),
-    off the request's critical path: an invocation costs two pipe writes.
+    off the request's critical path.
     """
 
-    def __init__(self, fn: Handler, max_body: int) -> None:
-        reads: dict[str, int] = {}
-        writes: dict[str, int] = {}
-        for name in ("stdin", "stdout", "stderr", "ctx", "result"):
-            reads[name], writes[name] = os.pipe()
+    def __init__(self, fn: Handler, max_body: int, ends: list[int], n: int) -> None:
         pid = os.fork()
         if pid == 0:
-            for target, fd in (
-                (0, reads["stdin"]),
-                (1, writes["stdout"]),
-                (2, writes["stderr"]),
-                (RESULT_FD, writes["result"]),
-                (LOG_FD, writes["ctx"]),
-            ):
+            for target, fd in zip((0, 1, 2, LOG_FD, RESULT_FD), ends, strict=True):
                 os.dup2(fd, target)
             os.closerange(LOG_FD + 1, MAX_FD)  # the control channel above all
-            run_child(fn, max_body)
-        os.close(reads.pop("stdin"))
-        self.request_fd = writes.pop("stdin")
-        for fd in writes.values():
-            os.close(fd)
+            run_child(fn, max_body, n)
         self.pid = pid
-        self.pipes = reads
+        self.pidfd = os.pidfd_open(pid)
 
-    def serve(self, header: dict[str, Any], body: bytes, ctl: int) -> None:
-        inv = Invocation(header, ctl)
-        t0 = time.monotonic()
-        try:
-            _frames.write_all(self.request_fd, _frames.encode(header, body))
-        except OSError:
-            pass  # the child is gone; its exit status tells the rest
-        os.close(self.request_fd)
-        pid = self.pid
-        by_fd = {fd: name for name, fd in self.pipes.items()}
-        pidfd = os.pidfd_open(pid)
-        poller = select.poll()
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN)
-        poller.register(pidfd, select.POLLIN)
-        # The gateway may cancel (its deadline passed): kill the child, keep
-        # this worker, answer "done" as usual. A closed channel means the same.
-        poller.register(ctl, select.POLLIN)
-        cancelled = False
-        status = rusage = None
-        drain_deadline = None
-        while by_fd:
-            timeout = None
-            if drain_deadline is not None:
-                timeout = max(0, int((drain_deadline - time.monotonic()) * 1000))
-                if timeout == 0:
-                    break
-            for fd, _ev in poller.poll(timeout):
-                if fd == ctl:
-                    poller.unregister(ctl)
-                    try:
-                        _frames.read_frame(ctl, 0)  # {"op": "cancel"}; any frame cancels
-                    except (EOFError, _frames.FrameError, OSError):
-                        pass
-                    cancelled = True
-                    if status is None:
-                        os.kill(pid, SIGKILL)
-                    continue
-                if fd == pidfd:
-                    _, status, rusage = os.wait4(pid, 0)
-                    poller.unregister(pidfd)
-                    _kill_stragglers()
-                    drain_deadline = time.monotonic() + 1.0
-                    continue
-                name = by_fd[fd]
-                data = os.read(fd, 65536)
-                if not data:
-                    poller.unregister(fd)
-                    os.close(fd)
-                    del by_fd[fd]
-                elif name == "result":
-                    inv.add_result(data)
-                else:
-                    inv.add_output(name, data)
-            if inv.limit and status is None:
-                os.kill(pid, SIGKILL)
-            inv.flush()
-        for fd in by_fd:
-            os.close(fd)
-        early = status is None and not by_fd and not inv.limit and bool(inv.result)
-        if early:
-            # Every pipe is closed and the result is whole: answer now, reap after.
-            inv.flush(final=True)
-            done = {
-                "op": "done",
-                "cancelled": cancelled,
-                "exit_code": None,
-                "early": True,
-                "limit": None,
-                "child_ms": (time.monotonic() - t0) * 1000.0,
-            }
-            _frames.write_all(ctl, _frames.encode(done, bytes(inv.result)))
-            if not select.select([pidfd], [], [], EXIT_GRACE_S)[0]:
-                os.kill(pid, SIGKILL)  # the answer is out; nothing may linger
-            os.wait4(pid, 0)
-            os.close(pidfd)
-            _kill_stragglers()
-            return
-        if status is None or rusage is None:
-            _, status, rusage = os.wait4(pid, 0)
-        os.close(pidfd)
+    def reap(self) -> dict[str, Any]:
+        """Wait for the child, clean up after it, and say how it ended."""
+        _, status, rusage = os.wait4(self.pid, 0)
+        os.close(self.pidfd)
         _kill_stragglers()
-        inv.flush(final=True)
-        done = {
-            "op": "done",
-            "cancelled": cancelled,
+        return {
+            "op": "exited",
             "exit_code": os.waitstatus_to_exitcode(status),
             "cpu_ms": (rusage.ru_utime + rusage.ru_stime) * 1000.0,
             "maxrss_kb": rusage.ru_maxrss,
-            "child_ms": (time.monotonic() - t0) * 1000.0,
-            "limit": inv.limit,
         }
-        _frames.write_all(ctl, _frames.encode(done, bytes(inv.result) if not inv.limit else b""))
+
+
+class Inbox:
+    """Frames from the gateway on the control socket: ``channels`` (once, with
+    the jail's ends of the children's channels as SCM_RIGHTS), ``cancel`` (n)
+    and ``exit``."""
+
+    def __init__(self, ctl: int) -> None:
+        self.sock = _socket.socket(fileno=ctl)
+        self.buf = b""
+        self.fds: list[int] = []
+
+    def receive(self) -> list[dict[str, Any]]:
+        """One read (blocking); the whole frames it completed. EOFError at the end."""
+        data, ancillary, _flags, _ = self.sock.recvmsg(65536, _socket.CMSG_SPACE(8 * 4))
+        for level, kind, payload in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                count = len(payload) // 4
+                self.fds += struct.unpack(f"{count}i", payload[: count * 4])
+        if not data:
+            raise EOFError
+        self.buf += data
+        frames = []
+        while len(self.buf) >= _frames.PREFIX.size:
+            hlen, blen = _frames.PREFIX.unpack_from(self.buf)
+            size = _frames.PREFIX.size + hlen + blen
+            if len(self.buf) < size:
+                break
+            frames.append(_frames.decode_header(self.buf[_frames.PREFIX.size : size - blen]))
+            self.buf = self.buf[size:]
+        return frames
+
+    def channels(self) -> list[int]:
+        """The children's channels, in the order of a child's fds 0, 1, 2, 4, 3:
+        stdin (a socket), stdout, stderr, ctx.log lines, the result (pipes)."""
+        while True:
+            for header in self.receive():
+                if header.get("op") == "channels" and len(self.fds) == 5:
+                    return self.fds
+                raise EOFError  # anything else first: the gateway gave up
 
 
 def _kill_stragglers() -> None:
@@ -433,22 +340,56 @@ def main(argv: list[str]) -> int:
     import gc
 
     gc.freeze()
-    child: Child | None = Child(fn, max_body)
+    _reserve_low_fds()
+    inbox = Inbox(ctl)
+    try:
+        ends = inbox.channels()
+    except (EOFError, _frames.FrameError, OSError):
+        return 0
+    n = 1
+    first = Child(fn, max_body, ends, n)
     _frames.write_all(ctl, _frames.encode({"op": "ready"}))
+    poller = select.poll()
+    poller.register(ctl, select.POLLIN)
+    poller.register(first.pidfd, select.POLLIN)
+    child: Child | None = first
     while True:
-        try:
-            header, body = _frames.read_frame(ctl, max_body)
-        except (EOFError, _frames.FrameError):
-            return 0
-        op = header.get("op")
-        if op == "invoke" and child is not None:
-            child.serve(header, body, ctl)
-            child = None
-            if not once:
-                _wipe_tmp()
-                child = Child(fn, max_body)
-        elif op == "exit":
-            return 0
+        for fd, _ev in poller.poll():
+            if fd == ctl:
+                try:
+                    frames = inbox.receive()
+                except (EOFError, _frames.FrameError, OSError):
+                    return 0
+                for header in frames:
+                    op = header.get("op")
+                    if op == "cancel" and child is not None and header.get("n") == n:
+                        # The gateway's deadline passed (or the child outlived
+                        # its answer): the child dies, this worker stays.
+                        os.kill(child.pid, SIGKILL)
+                    elif op == "exit":
+                        return 0
+            elif child is not None and fd == child.pidfd:
+                poller.unregister(child.pidfd)
+                exited = child.reap()
+                exited["n"] = n
+                # The gateway writes the next request only after this frame.
+                _frames.write_all(ctl, _frames.encode(exited))
+                child = None
+                if not once:
+                    _wipe_tmp()
+                    n += 1
+                    child = Child(fn, max_body, ends, n)
+                    poller.register(child.pidfd, select.POLLIN)
+
+
+def _reserve_low_fds() -> None:
+    """Keep every fd up to LOG_FD taken, so pipes received later never get a
+    number a child's dup2 onto 0-4 would overwrite before using it."""
+    while True:
+        fd = os.open("/dev/null", os.O_RDONLY)
+        if fd > LOG_FD:
+            os.close(fd)
+            return
 
 
 def _wait_for_eof(fd: int) -> None:

@@ -5,8 +5,12 @@ module did at import time is shared by design (docs/jail.md)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from jail import Invocation, JailRunner, Limits
 from jail.pool import WarmPool
@@ -63,3 +67,67 @@ async def test_a_new_version_never_runs_old_code(runner: JailRunner, deploy: Dep
 
 def test_fixture_paths_are_short(runner: JailRunner) -> None:
     assert len(str(Path(runner.jail_dir) / "sock" / ("x" * 16) / "proxy.sock")) < 100
+
+
+STRAGGLER = """
+import os, time
+
+def handler(request, ctx):
+    if request.text() == "spawn":
+        if os.fork() == 0:  # keeps the channels: prints and logs after the answer
+            for i in range(400):
+                print("straggler line", i, flush=True)
+                ctx.log.info("straggler ctx line")
+                time.sleep(0.002)
+            os._exit(0)
+        print("own line of the spawner")
+        return "spawned"
+    print("own line", request.text())
+    return "quiet " + request.text()
+"""
+
+
+async def test_output_after_an_answer_never_reaches_the_next_invocation(jail: Jail) -> None:
+    """A child's channels (stdout, stderr, ctx.log, the result) belong to the
+    worker: what a straggler writes after its invocation was answered is dropped,
+    never taken as the next invocation's logs or answer."""
+    worker = await jail.worker(STRAGGLER)
+    for round_ in range(5):
+        first = await worker.invoke(Invocation("a", "f", 1, "t", body=b"spawn"), start="warm")
+        assert first.outcome == "ok" and first.body == b"spawned", describe(first)
+        assert "own line of the spawner" in [x.message for x in first.logs]
+        second = await worker.invoke(
+            Invocation("b", "f", 1, "t", body=str(round_).encode()), start="warm"
+        )
+        assert second.body == f"quiet {round_}".encode(), describe(second)
+        assert [x.message for x in second.logs] == [f"own line {round_}"], describe(second)
+    assert worker.alive
+
+
+@pytest.mark.parametrize("size", [100, 1 << 20])  # within and beyond the socket buffer
+async def test_a_child_killed_before_its_request_never_answers_another(
+    jail: Jail, size: int
+) -> None:
+    """The idle, pre-forked child dies (killed from outside) before it reads its
+    request: the request is not served by the child forked after it (a child
+    runs only the request numbered for it), the call is reported, and the next
+    calls get their own answers on a sound worker."""
+    echo = "def handler(request, ctx):\n    return {'got': request.text()}\n"
+    worker = await jail.worker(echo)
+    ok = await worker.invoke(Invocation("a", "f", 1, "t", body=b"first"), start="warm")
+    assert body_json(ok) == {"got": "first"}, describe(ok)
+    assert worker.jail_pid is not None
+    zygote = worker.jail_pid
+    await asyncio.sleep(0.3)  # the first child is reaped and the next one forked
+    children = Path(f"/proc/{zygote}/task/{zygote}/children")
+    idle = [int(p) for p in children.read_text().split()]  # noqa: ASYNC240 (procfs, instant)
+    assert len(idle) == 1, idle
+    os.kill(idle[0], signal.SIGKILL)
+    lost = await worker.invoke(Invocation("b", "f", 1, "t", body=b"x" * size), start="warm")
+    assert lost.outcome == "killed", describe(lost)
+    assert lost.body == b""
+    assert not worker.alive  # its stdin may still hold (part of) the lost request
+    worker = await jail.worker(echo)  # as the pool would: a fresh one
+    for i in range(3):
+        r = await worker.invoke(Invocation("c", "f", 1, "t", body=f"call {i}".encode()), start="warm")
+        assert body_json(r) == {"got": f"call {i}"}, describe(r)
