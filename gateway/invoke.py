@@ -327,7 +327,8 @@ class Invoker:
         last = max(0, len(lines) - LOG_CHUNK)
         for i in range(0, last, LOG_CHUNK):
             await self.store.append_logs(lines[i : min(i + LOG_CHUNK, last)])
-        await self.store.finish_invocation(final, lines[last:])
+        alone = self.scheduler.running <= 1 and self.scheduler.queued == 0
+        await self.store.finish_invocation(final, lines[last:], alone=alone)
         await inserted.written()  # done by now (or replaced by the finish while queued)
         if lines:
             self.on_logs()

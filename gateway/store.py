@@ -438,10 +438,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def finish_invocation(
-        self, rec: InvocationRecord, lines: Sequence[NewLogLine] = ()
+        self, rec: InvocationRecord, lines: Sequence[NewLogLine] = (), *, alone: bool = False
     ) -> None:
         """Store every field of `rec` under its id (inserting it if the start was lost),
-        with its last log `lines`, all in one atomic write."""
+        with its last log `lines`, all in one atomic write. `alone`: nothing else is
+        running, so a store may write at once instead of batching."""
 
     @abc.abstractmethod
     async def get_invocation(self, invocation_id: str) -> InvocationRecord: ...

@@ -527,6 +527,37 @@ def invocation(ident: str, started_at: float, **kw: object) -> InvocationRecord:
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
+async def test_records_written_alone_are_durable_and_the_wal_stays_bounded(
+    tmp_path: Path,
+) -> None:
+    """A finish written inline (nothing else running) is as durable as a batched
+    one, and the WAL is checkpointed by the store (SQLite's automatic checkpoint
+    is off) so it does not grow with the number of writes."""
+    from gateway._sqlite import CHECKPOINT_EVERY
+
+    data = tmp_path / "data"
+    wal = data / "nsfaas.db-wal"
+    sizes = []
+    async with SqliteStore(data) as s:
+        for i in range(CHECKPOINT_EVERY * 10):
+            rec = replace(invocation(f"inv{i}", 1000.0 + i), outcome="ok", status=200)
+            line = NewLogLine(ts=1000.0 + i, invocation_id=rec.id, tenant_id="t1", function="f",
+                              level="info", message=f"line {i}")
+            writes = s.writes
+            await s.finish_invocation(rec, [line], alone=True)
+            assert s.writes == writes + 1
+            if i in (CHECKPOINT_EVERY * 2, CHECKPOINT_EVERY * 10 - 1):
+                await asyncio.sleep(0.05)  # the checkpoint runs in the writer thread
+                sizes.append(wal.stat().st_size)
+        assert (await s.get_invocation("inv7")).outcome == "ok"
+    assert sizes[1] < 2 * sizes[0], sizes  # reused from the start after each checkpoint
+    async with SqliteStore(data) as s:  # reopened: everything is there
+        last = CHECKPOINT_EVERY * 10 - 1
+        assert (await s.get_invocation(f"inv{last}")).status == 200
+        lines, _ = await s.query_logs(invocation_id=f"inv{last}")
+        assert [x.message for x in lines] == [f"line {last}"]
+
+
 async def test_invocation_insert_finish_get(store: SqliteStore) -> None:
     rec = invocation("inv1", 1000.0)
     await store.insert_invocation(rec)
