@@ -33,7 +33,7 @@ from .http import DEFAULT_TENANT, ByteBudget, Principal, read_body, require
 from .invoke import Call, Invoker, new_invocation_id, to_http
 from .logbus import LogBus
 from .metrics import Metrics
-from .middleware import RequestContextMiddleware
+from .middleware import INVOCATION, RequestContextMiddleware
 from .proxy_api import ProxyService
 from .routes_table import RouteTable
 from .scheduler import Scheduler
@@ -292,6 +292,7 @@ def create_app(settings: Settings) -> Starlette:
                 invocation_id=new_invocation_id(),
             )
         assert gw.invoker is not None
+        request.scope[INVOCATION] = True  # its invocation_finished line is its access log
         call = Call(
             method=request.method,
             path=path,

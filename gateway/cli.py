@@ -68,7 +68,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging()
     app = create_app(settings)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=15
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,  # RequestContextMiddleware writes it
+        timeout_graceful_shutdown=15,
     )
     return 0
 

@@ -338,6 +338,8 @@ class Invoker:
             self.metrics.starts.labels(result.start).inc()
         log.info(
             "invocation_finished",
+            method=record.method,
+            path=record.path,
             outcome=result.outcome,
             status=status,
             wall_ms=round(wall_ms, 2),
