@@ -12,6 +12,7 @@ import errno
 import os
 import secrets
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -110,14 +111,21 @@ class SlotPool:
         """Set a busy slot's limits."""
         self._configure(name, limits)
 
-    def kill_all_but(self, name: str, keep: set[int]) -> int:
+    def kill_all_but(
+        self, name: str, keep: set[int], *, unless: Callable[[], bool] | None = None
+    ) -> int:
         """SIGKILL every process in a slot except ``keep``; returns how many.
 
         Each pid is pinned with a pidfd and checked to still be in this slot
         before the signal, so a pid reused after its process left cannot be hit.
+        ``unless`` is asked once the slot's processes are listed: True kills none
+        (whatever made the kill unnecessary happened before the listing).
         """
         killed = 0
-        for pid in set(self.pids_in(name)) - keep:
+        pids = set(self.pids_in(name)) - keep
+        if unless is not None and unless():
+            return 0
+        for pid in pids:
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError:

@@ -35,6 +35,7 @@ CLOSE_GRACE_S = 1.0
 CANCEL_GRACE_S = 0.5  # for the zygote to kill a timed-out child and report its exit
 EXIT_GRACE_S = 0.5  # after a whole answer, a child has this long to exit before SIGKILL
 MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
+STRAY_CAP = 1 << 20  # output between two invocations that retires a worker (see _stray)
 CONTROL_FRAME_CAP = 64 * 1024  # control frames are small JSON objects without a body
 # A child's output channels, after its stdin (see _make_channels).
 OUTPUTS = ("stdout", "stderr", "ctx", "result")
@@ -123,23 +124,28 @@ class _Control:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
-    def _readable(self) -> None:
+    def read_now(self) -> None:
+        """Take every frame already sent, without waiting for the event loop."""
+        while self.broken is None and self._readable():
+            pass
+
+    def _readable(self) -> bool:
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self._break(f"the control channel failed: {exc}")
-            return
+            return False
         if not data:
             self._break("the runtime closed its control channel")
-            return
+            return False
         self._buf += data
         while len(self._buf) >= _frames.PREFIX.size:
             hlen, blen = _frames.PREFIX.unpack_from(self._buf)
             if hlen > CONTROL_FRAME_CAP or blen:
                 self._break("the runtime sent an oversized control frame")
-                return
+                return False
             if len(self._buf) < _frames.PREFIX.size + hlen:
                 break
             raw = bytes(self._buf[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
@@ -148,7 +154,7 @@ class _Control:
                 header = _frames.decode_header(raw)
             except _frames.FrameError as exc:
                 self._break(str(exc))
-                return
+                return False
             if header.get("op") == "exited" and isinstance(header.get("n"), int):
                 self.exited[header["n"]] = header
                 if len(self.exited) > 2:
@@ -157,8 +163,13 @@ class _Control:
                 self.frames.append(header)
             else:
                 self._break("the runtime sent unexpected control frames")
-                return
+                return False
         self._wake()
+        return True
+
+    def fail(self, reason: str) -> None:
+        """The worker is unusable for a reason found elsewhere."""
+        self._break(reason)
 
     def _break(self, reason: str) -> None:
         if self.broken is None:
@@ -245,6 +256,7 @@ class _ChildRun:
         self.partial: dict[str, bytes] = {"stdout": b"", "stderr": b"", "ctx": b""}
         self.result = bytearray()
         self.result_size = 0  # of the whole frame, once its prefix is in
+        self.result_bytes = 0  # everything written to the result pipe
         self.limit: str | None = None
         self.complete = False  # a whole result frame is in
         self.waiters: list[asyncio.Future[None]] = []  # settled when complete or capped
@@ -258,6 +270,10 @@ class _ChildRun:
             self._add_result(data)
 
     def _add_result(self, data: bytes) -> None:
+        self.result_bytes += len(data)
+        if self.result_bytes > self.response_cap + _frames.MAX_HEADER + _frames.PREFIX.size:
+            self._finish("response")  # however it is framed, no answer is this big
+            return
         if self.result_size < 0:
             return  # not a frame: the child's exit decides (no result)
         self.result += data
@@ -344,6 +360,7 @@ class Worker:
         self._outputs: dict[int, str] = {}  # our ends of the children's outputs
         self._run: _ChildRun | None = None  # the child whose output we are taking
         self._desynced = False  # a child died with its request half read: retire
+        self._stray_bytes = 0  # output since the last invocation began (see _stray)
         self._exit_check: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._nsjail_log = bytearray()
@@ -608,7 +625,20 @@ class Worker:
             return
         if self._run is not None:
             self._run.feed(name, data)
-        # else: a straggler's output after its invocation was answered: dropped
+        else:
+            self._stray(len(data))
+
+    def _stray(self, n: int) -> None:
+        """Output while no invocation runs (a straggler after its answer, before it
+        is killed) is dropped. More than STRAY_CAP of it between two invocations
+        means something in the jail that is never killed writes (a thread the
+        module started at import): the worker is retired and stops being read."""
+        self._stray_bytes += n
+        if self._stray_bytes > STRAY_CAP and self._ctl is not None:
+            loop = asyncio.get_running_loop()
+            for fd in self._outputs:
+                loop.remove_reader(fd)
+            self._ctl.fail("output between invocations over its cap")
 
     def _drain_outputs(self) -> None:
         """Take everything already written to the children's outputs."""
@@ -626,6 +656,8 @@ class Worker:
                     break
                 if self._run is not None:
                     self._run.feed(name, data)
+                else:
+                    self._stray(len(data))
 
     async def _next_child(self) -> int:
         """The number of the child that takes the next request.
@@ -643,6 +675,7 @@ class Worker:
                 await ctl.wait()
         self._run = None
         self._drain_outputs()
+        self._stray_bytes = 0
         self._take_acks()
         self._child += 1
         return self._child
@@ -725,9 +758,19 @@ class Worker:
             # zygote shares: at a low quota it would get to run (and kill them)
             # only after several periods. The gateway kills them from outside
             # instead, sparing nsjail and the zygote, which then just reaps.
-            self.config.slots.kill_all_but(self.slot, {self.proc.pid, self.jail_pid})
+            # The zygote reports a child's end before it forks the next one: if
+            # that report is in once the slot's processes are listed, the child
+            # is gone and the listing may hold the next child, which must live.
+            self.config.slots.kill_all_but(
+                self.slot, {self.proc.pid, self.jail_pid}, unless=lambda: self._reported(n)
+            )
         if self._ctl is not None:
             self._ctl.send({"op": "cancel", "n": n})
+
+    def _reported(self, n: int) -> bool:
+        assert self._ctl is not None
+        self._ctl.read_now()
+        return n in self._ctl.exited
 
     async def _exited(self, n: int, grace_s: float) -> dict[str, Any] | None:
         ctl = self._ctl

@@ -4,13 +4,14 @@ limit, then that the same code and a good function still work."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from jail import Limits
 from jail.command import RUNTIME_MEMORY_MB
-from tests.jailtest import Jail, body_json, describe
+from tests.jailtest import Jail, body_json, describe, invocation
 
 LIM = Limits(timeout_s=5, memory_mb=64, pids=16)
 SHORT = Limits(timeout_s=1, memory_mb=64, pids=16)
@@ -231,6 +232,68 @@ def handler(request, ctx):
     assert len(r.logs) <= LIM.log_lines
     assert time.monotonic() - t0 < 4  # cut off early, not after writing 100 MB
     await fn.assert_recovers()
+
+
+@pytest.mark.parametrize("prefix", ["framed", "garbage"])
+async def test_a_flood_on_the_result_fd_is_output_limit(jail: Jail, mode: str, prefix: str) -> None:
+    """Endless bytes on the result fd, behind a frame prefix that promises a
+    small answer or behind none at all: the gateway stops at the response cap
+    and kills the child; it does not read until the timeout."""
+    src = f"""
+import os, struct
+
+def handler(request, ctx):
+    # framed: a valid header length and a body far over the cap; garbage: no frame
+    os.write(3, struct.pack(">II", 2, 1 << 30) if "{prefix}" == "framed" else b"\\xff" * 8)
+    block = b"z" * 65536
+    while True:
+        os.write(3, block)
+"""
+    fn = jail.function(src, mode, limits=Limits(timeout_s=10, memory_mb=64, pids=16))
+    t0 = time.monotonic()
+    r = await fn()
+    assert (r.outcome, r.limit_name) == ("output_limit", "response"), describe(r)
+    assert time.monotonic() - t0 < 5  # stopped at the cap, long before the 10 s timeout
+    await fn.assert_recovers()
+
+
+async def test_an_import_time_thread_flooding_the_channels_retires_the_worker(
+    jail: Jail,
+) -> None:
+    """A thread the module starts at import lives in the zygote, which is never
+    killed between invocations; if it writes to the children's output channels
+    (inherited there), the gateway stops reading them past a cap and retires the
+    worker instead of reading forever."""
+    src = """
+import os, sys, threading, time
+
+CTL = int(sys.argv[1])
+
+def flood(fd):
+    time.sleep(0.5)  # after the channels arrived
+    block = b"w" * 65536
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError:
+        pass
+
+for fd in range(5, 13):  # a thread each: a write to a full channel blocks
+    if fd != CTL:
+        threading.Thread(target=flood, args=(fd,), daemon=True).start()
+
+def handler(request, ctx):
+    return "answered"
+"""
+    worker = await jail.worker(src, limits=Limits(timeout_s=5, memory_mb=64, pids=32))
+    r = await worker.invoke(invocation("x"), start="warm")
+    assert r.outcome in ("ok", "output_limit"), describe(r)
+    for _ in range(100):
+        if not worker.alive:
+            break
+        await asyncio.sleep(0.05)
+    assert not worker.alive, "a worker whose zygote floods its channels must be retired"
+    await jail.assert_good_function_works()
 
 
 async def test_open_files_limit(jail: Jail, mode: str) -> None:
