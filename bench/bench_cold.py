@@ -10,11 +10,12 @@ Each round runs, in alternating order (so drift and caches hit both alike):
          same bootstrap with the same arguments as the jail's command line (taken
          from ``build_command``, with the runtime's jail path replaced by a host
          folder), the same installed runtime files (bytecode included), the same
-         handler and the same fd protocol (ready / invoke / done frames on a
-         socketpair), outside any jail.
+         handler and the same fd protocol (channels in and ready out on a
+         socketpair, the request into the child's stdin socket, the result from
+         its pipe), outside any jail.
   python ``python3 -I -S -c pass`` of the same interpreter, for scale.
 
-Two times per run: to the **answer** (spawn until the ``done`` frame; what a caller
+Two times per run: to the **answer** (spawn until the whole result frame; what a caller
 waits for: ``JailRunner.run`` returns there and tears the jail down in the
 background) and to **teardown** (until the process is reaped; for the jail, until
 ``runner.settle()`` returns). Prints median, p90, min and max of each and the median
@@ -31,6 +32,7 @@ else with subprocess's ``user=``.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import inspect
 import os
@@ -48,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jail import Invocation, JailRunner, JailSpec, Limits
 from jail import command as jail_command
 from jail.runtime import _frames
+from jail.worker import _make_channels
 
 HELLO = "def handler(request, ctx):\n    return {'hello': request.query.get('name', 'world')}\n"
 EXPECTED = b'{"hello": "bench"}'
@@ -155,22 +158,36 @@ async def run_bare(argv: list[str], bare: Path, spec: JailSpec, uid: int, i: int
         pass_fds=(fd,), start_new_session=True, **drop,
     )
     os.close(fd)
+    loop = asyncio.get_running_loop()
+    ours, theirs = _make_channels()  # as Worker does: stdin socket, four output pipes
+    host.sendmsg([_frames.encode({"op": "channels"})],
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", theirs))])
+    for end in theirs:
+        os.close(end)
     reader, writer = await asyncio.open_unix_connection(sock=host)
 
-    async def frame() -> tuple[dict[str, object], bytes]:
-        hlen, blen = _frames.PREFIX.unpack(await reader.readexactly(_frames.PREFIX.size))
-        header = _frames.decode_header(await reader.readexactly(hlen))
-        return header, await reader.readexactly(blen) if blen else b""
+    async def readable(fd: int) -> None:
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
 
     try:
-        header, _ = await frame()
+        hlen, _ = _frames.PREFIX.unpack(await reader.readexactly(_frames.PREFIX.size))
+        header = _frames.decode_header(await reader.readexactly(hlen))
         assert header.get("op") == "ready", header
-        writer.write(_frames.encode(invocation(i).frame_header(spec), b""))
-        await writer.drain()
-        while True:
-            header, body = await frame()
-            if header.get("op") == "done":
-                break
+        request = {**invocation(i).frame_header(spec), "n": 1}
+        os.write(ours[0], _frames.encode(request, b""))
+        result = b""
+        size = 0
+        while not size or len(result) < size:
+            await readable(ours[4])
+            result += os.read(ours[4], 65536)
+            if not size and len(result) >= _frames.PREFIX.size:
+                hlen, blen = _frames.PREFIX.unpack_from(result)
+                size = _frames.PREFIX.size + hlen + blen
         answer = (time.perf_counter() - t0) * 1000
         writer.close()
         await proc.wait()
@@ -179,11 +196,12 @@ async def run_bare(argv: list[str], bare: Path, spec: JailSpec, uid: int, i: int
             proc.kill()
             await proc.wait()
         writer.close()
+        for end in ours:
+            os.close(end)
     done = (time.perf_counter() - t0) * 1000
-    # The done frame carries the child's own result frame: header, then the body.
-    hlen, _blen = _frames.PREFIX.unpack(body[: _frames.PREFIX.size])
-    if body[_frames.PREFIX.size + hlen :] != EXPECTED:
-        raise SystemExit(f"bare run failed: {header} {body!r}")
+    hlen, _blen = _frames.PREFIX.unpack(result[: _frames.PREFIX.size])
+    if result[_frames.PREFIX.size + hlen :] != EXPECTED:
+        raise SystemExit(f"bare run failed: {result!r}")
     return answer, done
 
 

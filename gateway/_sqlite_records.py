@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from dataclasses import astuple, fields
+from dataclasses import fields
 
 from gateway._sqlite_logs import prune_marks
 from gateway._sqlite_schema import decode_cursor, encode_cursor
@@ -23,14 +23,19 @@ _UPSERT = f"{_INSERT} ON CONFLICT (id) DO UPDATE SET {_UPDATES}"
 _SELECT = f"SELECT {_COLUMNS} FROM invocations"  # noqa: S608
 
 
+def _values(rec: InvocationRecord) -> tuple[object, ...]:
+    # Every field is a scalar: dataclasses.astuple's deep copy only costs time.
+    return tuple([getattr(rec, name) for name in _FIELDS])
+
+
 def insert_invocation(conn: sqlite3.Connection, rec: InvocationRecord) -> None:
     # The start of an invocation that already finished (its record was written
     # first) must not overwrite the finished record.
-    conn.execute(_INSERT + " ON CONFLICT (id) DO NOTHING", astuple(rec))
+    conn.execute(_INSERT + " ON CONFLICT (id) DO NOTHING", _values(rec))
 
 
 def finish_invocation(conn: sqlite3.Connection, rec: InvocationRecord) -> None:
-    conn.execute(_UPSERT, astuple(rec))
+    conn.execute(_UPSERT, _values(rec))
 
 
 def get_invocation(conn: sqlite3.Connection, invocation_id: str) -> InvocationRecord:

@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -306,10 +307,16 @@ def create_app(settings: Settings) -> Starlette:
             path_params=params,
         )
         try:
-            result, inv_id = await gw.invoker.invoke(fv, call)
+            result, inv_id, report = await gw.invoker.invoke_reporting_later(fv, call)
         finally:
             gw.bodies.release(len(body))
-        return to_http(result, inv_id, head=request.method == "HEAD")
+        response = to_http(result, inv_id, head=request.method == "HEAD")
+
+        async def after_response() -> None:  # async: a sync task would go to a thread
+            report()
+
+        response.background = BackgroundTask(after_response)
+        return response
 
     async def _authorize(request: Request, fv: FunctionVersion) -> None:
         if fv.config.public:

@@ -175,6 +175,16 @@ class Invoker:
 
     async def invoke(self, fv: FunctionVersion, call: Call) -> tuple[JailResult, str]:
         """Run one invocation and record it. Never raises for function behaviour."""
+        result, inv_id, report = await self.invoke_reporting_later(fv, call)
+        report()
+        return result, inv_id
+
+    async def invoke_reporting_later(
+        self, fv: FunctionVersion, call: Call
+    ) -> tuple[JailResult, str, Callable[[], None]]:
+        """``invoke``, with its metrics and ``invocation_finished`` line left to
+        the returned callable (the HTTP path calls it after the response is
+        sent). The record and logs are written before this returns."""
         inv_id = new_invocation_id()
         structlog.contextvars.bind_contextvars(
             invocation_id=inv_id, function=fv.name, version=fv.version, tenant=fv.tenant_id
@@ -212,11 +222,12 @@ class Invoker:
             result = JailResult(
                 outcome="killed", error_type="Cancelled", error_message="the client went away"
             )
-            await asyncio.shield(self._record(record, result, t0, inserted, throttled))
+            report = await asyncio.shield(self._record(record, result, t0, inserted, throttled))
+            report()
             raise
-        await self._record(record, result, t0, inserted, throttled)
+        report = await self._record(record, result, t0, inserted, throttled)
         self._strike(record, result)
-        return result, inv_id
+        return result, inv_id, report
 
     async def _run(
         self, fv: FunctionVersion, call: Call, inv_id: str, limits: Limits, throttled: bool
@@ -258,7 +269,7 @@ class Invoker:
         t0: float,
         inserted: _RunningRecord,
         throttled: bool = False,
-    ) -> None:
+    ) -> Callable[[], None]:
         wall_ms = (time.monotonic() - t0) * 1000.0
         inserted.stop()
         lines = [
@@ -332,22 +343,26 @@ class Invoker:
         await inserted.written()  # done by now (or replaced by the finish while queued)
         if lines:
             self.on_logs()
-        self.metrics.invocations.labels(record.function, result.outcome).inc()
-        self.metrics.duration.labels(record.function).observe(wall_ms / 1000.0)
-        if result.outcome not in ("rejected", "jail_failure"):
-            self.metrics.starts.labels(result.start).inc()
-        log.info(
-            "invocation_finished",
-            method=record.method,
-            path=record.path,
-            outcome=result.outcome,
-            status=status,
-            wall_ms=round(wall_ms, 2),
-            cpu_ms=result.cpu_ms,
-            start=final.start,
-            log_lines=len(lines),
-            limit=result.limit_name,
-        )
+
+        def report() -> None:
+            self.metrics.invocations.labels(record.function, result.outcome).inc()
+            self.metrics.duration.labels(record.function).observe(wall_ms / 1000.0)
+            if result.outcome not in ("rejected", "jail_failure"):
+                self.metrics.starts.labels(result.start).inc()
+            log.info(
+                "invocation_finished",
+                method=record.method,
+                path=record.path,
+                outcome=result.outcome,
+                status=status,
+                wall_ms=round(wall_ms, 2),
+                cpu_ms=result.cpu_ms,
+                start=final.start,
+                log_lines=len(lines),
+                limit=result.limit_name,
+            )
+
+        return report
 
 
 class _RunningRecord:

@@ -163,14 +163,9 @@ def _finish(frame: dict[str, Any], body: bytes) -> None:
             stream.flush()
         except BaseException:
             pass
-    # Close the log pipes first: once every pipe is at EOF and the result is
-    # complete, the zygote can answer without waiting for this process's
-    # exit (tearing down its address space is off the critical path).
-    for fd in (1, 2, LOG_FD):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    # Everything logged is in its pipe before the result: the gateway answers
+    # on the whole result frame, without waiting for this process's exit
+    # (tearing down its address space is off the critical path).
     usage = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     frame["usage"] = {
