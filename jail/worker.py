@@ -662,10 +662,11 @@ class Worker:
     async def _next_child(self) -> int:
         """The number of the child that takes the next request.
 
-        The previous child must be reported gone first: its stragglers are dead
-        and whatever it left unread of its request was dropped, so the request
-        written now reaches only the next child, and what is left in the
-        outputs is the previous invocation's (dropped here).
+        The previous child must be reported gone first: its stragglers are dead,
+        so what is left in the outputs is the previous invocation's (dropped
+        here) and the request written now can only be read by the next child
+        (which runs it only if it carries its number; a child that died with its
+        request half read has retired the worker, see ``invoke``).
         """
         ctl = self._ctl
         if ctl is None or self._stdin is None:
@@ -748,7 +749,9 @@ class Worker:
 
     def _ensure_exit(self, n: int) -> None:
         self._exit_check = None
-        if self._ctl is not None and n not in self._ctl.exited and self._child == n:
+        if self._closed or self._ctl is None:
+            return
+        if n not in self._ctl.exited and self._child == n:
             self._ctl.send({"op": "cancel", "n": n})  # it answered but did not exit
 
     def _kill_child(self, n: int) -> None:
