@@ -44,6 +44,20 @@ class SlotLimits:
     cpu_ms_per_sec: int
 
 
+def cpu_weight(cpu_ms_per_sec: int, *, version: int) -> int:
+    """A slot's share of contended CPU, in proportion to its quota.
+
+    The quota caps a jail over a 100 ms period, but within the period a jail
+    with CPU left competes as an equal: a throttled function (the penalty box,
+    100 ms/s) would still run its 10 ms bursts against everyone's calls. With
+    weights in proportion to quotas it yields to them while they need the CPU.
+    v1 ``cpu.shares`` (default 1024 = one core), v2 ``cpu.weight`` (default 100).
+    """
+    if version == 2:
+        return max(1, min(10000, round(100 * cpu_ms_per_sec / 1000)))
+    return max(2, round(1024 * cpu_ms_per_sec / 1000))
+
+
 class SlotPool:
     """Reusable cgroups, one per live jail, created by us instead of by nsjail.
 
@@ -164,6 +178,7 @@ class SlotPool:
             _write(d / "memory.swap.max", 0)
             _write(d / "pids.max", lim.pids)
             _write(d / "cpu.max", f"{quota} 100000")
+            _write(d / "cpu.weight", cpu_weight(lim.cpu_ms_per_sec, version=2))
             return
         mem = self.groups.root / "memory" / self.groups.parent / name
         # memsw must stay >= the memory limit at every step: open it, set, close.
@@ -177,6 +192,7 @@ class SlotPool:
         cpu = self.groups.root / "cpu" / self.groups.parent / name
         _write(cpu / "cpu.cfs_period_us", 100000)
         _write(cpu / "cpu.cfs_quota_us", quota)
+        _write(cpu / "cpu.shares", cpu_weight(lim.cpu_ms_per_sec, version=1))
 
     def counters(self, name: str) -> dict[str, int]:
         """Cumulative OOM kills and pids-limit hits of a slot (compare before/after)."""

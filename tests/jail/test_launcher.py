@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from jail import JailRunner, Limits
+from jail.cgroups import SlotLimits
 from jail.launcher import Launchers
 from tests.jailtest import describe, invocation, make_deploy
 
@@ -75,3 +76,22 @@ async def test_cold_starts_take_prepared_launchers_with_the_functions_limits() -
         assert launchers.take() is None  # closed: cold starts use the plain launcher
     finally:
         shutil.rmtree(jail_dir, ignore_errors=True)
+
+
+def test_a_slots_cpu_weight_follows_its_quota(runner: JailRunner) -> None:
+    """Within the quota's period a jail with CPU left competes by weight: a
+    throttled function (100 ms/s) weighs a fifth of a default one (500 ms/s), so
+    it yields to the others' calls instead of running its bursts as an equal."""
+    slots = runner.config.slots
+    for ms, v1, v2 in ((500, 512, 50), (100, 102, 10), (1000, 1024, 100)):
+        slot = slots.acquire(SlotLimits(memory_bytes=64 << 20, pids=8, cpu_ms_per_sec=ms))
+        try:
+            groups = slots.groups
+            if groups.version == 2:
+                path = groups.root / slot / "cpu.weight"
+                assert int(path.read_text()) == v2, (ms, path)
+            else:
+                path = groups.root / "cpu" / groups.parent / slot / "cpu.shares"
+                assert int(path.read_text()) == v1, (ms, path)
+        finally:
+            slots.release(slot)
