@@ -69,7 +69,7 @@ class SqliteStore(Store):
         self._read_conns: list[sqlite3.Connection] = []
         self._read_local = threading.local()
         self._read_lock = threading.Lock()
-        self._scopes: dict[tuple[str, str], int] = {}  # writer thread only
+        self._scopes: dict[tuple[str, str], int] = {}  # whoever holds the write connection
         self._want_fts = fts  # False: search by substring scan even if FTS5 is there
         self._fts = False
         self.writes = 0  # write operations committed or attempted (for tests and metrics)
