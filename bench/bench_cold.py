@@ -159,7 +159,7 @@ async def run_bare(argv: list[str], bare: Path, spec: JailSpec, uid: int, i: int
     )
     os.close(fd)
     loop = asyncio.get_running_loop()
-    ours, theirs = _make_channels()  # as Worker does: stdin socket, four output pipes
+    stdin, outputs, theirs = _make_channels()  # as Worker does: a socket, four pipes
     host.sendmsg([_frames.encode({"op": "channels"})],
                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", theirs))])
     for end in theirs:
@@ -179,12 +179,12 @@ async def run_bare(argv: list[str], bare: Path, spec: JailSpec, uid: int, i: int
         header = _frames.decode_header(await reader.readexactly(hlen))
         assert header.get("op") == "ready", header
         request = {**invocation(i).frame_header(spec), "n": 1}
-        os.write(ours[0], _frames.encode(request, b""))
+        stdin.send(_frames.encode(request, b""))
         result = b""
         size = 0
         while not size or len(result) < size:
-            await readable(ours[4])
-            result += os.read(ours[4], 65536)
+            await readable(outputs[3])
+            result += os.read(outputs[3], 65536)
             if not size and len(result) >= _frames.PREFIX.size:
                 hlen, blen = _frames.PREFIX.unpack_from(result)
                 size = _frames.PREFIX.size + hlen + blen
@@ -196,7 +196,8 @@ async def run_bare(argv: list[str], bare: Path, spec: JailSpec, uid: int, i: int
             proc.kill()
             await proc.wait()
         writer.close()
-        for end in ours:
+        stdin.close()
+        for end in outputs:
             os.close(end)
     done = (time.perf_counter() - t0) * 1000
     hlen, _blen = _frames.PREFIX.unpack(result[: _frames.PREFIX.size])

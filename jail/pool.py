@@ -126,8 +126,7 @@ class WarmPool:
             t1 = time.monotonic()
             result = await worker.invoke(inv, start=kind, deadline=deadline)
             if kind == "warm":
-                ms = (time.monotonic() - t1) * 1000.0
-                entry.call_ms = ms if not entry.call_ms else 0.8 * entry.call_ms + 0.2 * ms
+                entry.call_ms = _average(entry.call_ms, (time.monotonic() - t1) * 1000.0)
         finally:
             entry.busy -= 1
         if worker.alive and self._current.get(_fn(key)) == key and not self._closed:
@@ -189,8 +188,7 @@ class WarmPool:
         return False
 
     def _started_in(self, seconds: float) -> None:
-        ms = seconds * 1000.0
-        self._start_ms = ms if not self._start_ms else 0.8 * self._start_ms + 0.2 * ms
+        self._start_ms = _average(self._start_ms, seconds * 1000.0)
 
     def _hot_spare(self, key: str, entry: _Key, spec: JailSpec, now: float) -> None:
         """A version called again within HOT_S gets a second worker, so calls
@@ -330,3 +328,8 @@ class WarmPool:
 
 def _fn(key: str) -> str:
     return key.split("@", 1)[0]
+
+
+def _average(previous: float, ms: float) -> float:
+    """A moving average that starts at its first sample (0 means none yet)."""
+    return ms if not previous else 0.8 * previous + 0.2 * ms

@@ -142,14 +142,13 @@ class Ending:
 
     limits: Limits
     timed_out: bool = False
-    done: dict[str, Any] | None = None  # the zygote's "done" frame
+    done: dict[str, Any] | None = None  # how the child ended (see Worker._finish)
     result_body: bytes = b""
     load_error: dict[str, Any] | None = None
     oom_kills: int = 0
     pids_hits: int = 0
     nsjail_exit: int | None = None
     nsjail_log: str = ""
-    host_output_limit: bool = False
 
 
 def decide(end: Ending) -> dict[str, Any]:
@@ -157,8 +156,6 @@ def decide(end: Ending) -> dict[str, Any]:
     lim = end.limits
     if end.timed_out:
         return _limit("timeout", "wall_time", lim.timeout_s, f"exceeded {lim.timeout_s} s")
-    if end.host_output_limit:
-        return _limit("output_limit", "output", lim.log_bytes, "log output over its cap")
     if end.load_error is not None:
         return {
             "outcome": "error",
@@ -193,8 +190,8 @@ def decide(end: Ending) -> dict[str, Any]:
     if done.get("limit") == "response":
         return _limit("output_limit", "response", lim.response_bytes, "response over its cap")
     code = done.get("exit_code")
-    # "early": the child closed every pipe after a whole result and was reaped
-    # after the answer (its exit status no longer matters).
+    # "early": a whole result frame arrived before the child's exit was reported;
+    # it is reaped after the answer (its exit status no longer matters).
     if (code == 0 or done.get("early") is True) and end.result_body:
         return _from_frame(end.result_body, end)
     if isinstance(code, int) and code < 0:

@@ -135,16 +135,16 @@ class _Control:
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
-            self._break(f"the control channel failed: {exc}")
+            self.fail(f"the control channel failed: {exc}")
             return False
         if not data:
-            self._break("the runtime closed its control channel")
+            self.fail("the runtime closed its control channel")
             return False
         self._buf += data
         while len(self._buf) >= _frames.PREFIX.size:
             hlen, blen = _frames.PREFIX.unpack_from(self._buf)
             if hlen > CONTROL_FRAME_CAP or blen:
-                self._break("the runtime sent an oversized control frame")
+                self.fail("the runtime sent an oversized control frame")
                 return False
             if len(self._buf) < _frames.PREFIX.size + hlen:
                 break
@@ -153,7 +153,7 @@ class _Control:
             try:
                 header = _frames.decode_header(raw)
             except _frames.FrameError as exc:
-                self._break(str(exc))
+                self.fail(str(exc))
                 return False
             if header.get("op") == "exited" and isinstance(header.get("n"), int):
                 self.exited[header["n"]] = header
@@ -162,16 +162,13 @@ class _Control:
             elif len(self.frames) < 8:
                 self.frames.append(header)
             else:
-                self._break("the runtime sent unexpected control frames")
+                self.fail("the runtime sent unexpected control frames")
                 return False
         self._wake()
         return True
 
     def fail(self, reason: str) -> None:
-        """The worker is unusable for a reason found elsewhere."""
-        self._break(reason)
-
-    def _break(self, reason: str) -> None:
+        """The channel (and so the worker) is unusable from now on."""
         if self.broken is None:
             self.broken = reason
             self._loop.remove_reader(self.sock.fileno())
@@ -205,9 +202,9 @@ class _Control:
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
             if self.sock.sendmsg([data], rights) != len(data):
-                self._break("the runtime stopped reading its control channel")
+                self.fail("the runtime stopped reading its control channel")
         except OSError as exc:
-            self._break(f"the control channel failed: {exc}")
+            self.fail(f"the control channel failed: {exc}")
 
     def close(self) -> None:
         if self.broken is None:
@@ -217,8 +214,9 @@ class _Control:
         self._wake()
 
 
-def _make_channels() -> tuple[list[int], list[int]]:
-    """A worker's channels to its children: (the gateway's ends, the jail's ends).
+def _make_channels() -> tuple[socket.socket, list[int], list[int]]:
+    """A worker's channels to its children: (the gateway's end of stdin, its ends
+    of the outputs, the jail's ends).
 
     In the order of a child's fds 0, 1, 2, 4, 3: stdin (a socket: the child
     answers one byte on it once it has read its request), stdout, stderr,
@@ -227,18 +225,16 @@ def _make_channels() -> tuple[list[int], list[int]]:
     description with the gateway (it could otherwise flip O_NONBLOCK and block
     the event loop), and no invocation pays for new pipes or fd passing.
     """
-    ours: list[int] = []
-    theirs: list[int] = []
-    gw, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    gw.setblocking(False)
-    ours.append(gw.detach())
-    theirs.append(jail.detach())
+    stdin, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stdin.setblocking(False)
+    outputs: list[int] = []
+    theirs = [jail.detach()]
     for _ in OUTPUTS:
         r, w = os.pipe2(os.O_CLOEXEC)
         fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
-        ours.append(r)
+        outputs.append(r)
         theirs.append(w)
-    return ours, theirs
+    return stdin, outputs, theirs
 
 
 class _ChildRun:
@@ -601,15 +597,14 @@ class Worker:
 
     def _open_channels(self) -> None:
         assert self._ctl is not None
-        ours, theirs = _make_channels()
+        self._stdin, outputs, theirs = _make_channels()
         try:
             self._ctl.send({"op": "channels"}, theirs)
         finally:
             for fd in theirs:
                 os.close(fd)
-        self._stdin = socket.socket(fileno=ours[0])
         loop = asyncio.get_running_loop()
-        for fd, name in zip(ours[1:], OUTPUTS, strict=True):
+        for fd, name in zip(outputs, OUTPUTS, strict=True):
             self._outputs[fd] = name
             loop.add_reader(fd, self._output, fd, name)
 
