@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import structlog
 
 from . import cgroups as cg
+from .spawn import Process, spawn
 
 log = structlog.get_logger("nsfaas.jail")
 
@@ -49,7 +50,7 @@ os.execv(argv[0], argv)
 class Prepared:
     """A launcher waiting in ``slot`` with the jail's ends of its channels."""
 
-    proc: asyncio.subprocess.Process
+    proc: Process
     slot: str
     ctl: socket.socket  # the gateway's end of the control channel
     ctl_fd: int  # the jail's end, as numbered inside the launcher
@@ -59,6 +60,7 @@ class Prepared:
     def launch(self, argv: list[str]) -> None:
         stdin = self.proc.stdin
         assert stdin is not None
+        # A few KiB into an empty pipe: the write never blocks.
         stdin.write(b"\0".join(os.fsencode(a) for a in argv))
         stdin.close()
 
@@ -148,18 +150,10 @@ class Launchers:
         try:
             procs = [str(p) for p in self.slots.procs_files(slot)]
             procs += procs[-1:] * (3 - len(procs))
-            proc = await asyncio.create_subprocess_exec(
-                self.python,
-                "-I",
-                "-S",
-                "-c",
-                LAUNCHER,
-                *procs[:3],
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            proc = await spawn(
+                [self.python, "-I", "-S", "-c", LAUNCHER, *procs[:3]],
+                stdin=True,
                 pass_fds=(jail.fileno(), log_w),
-                start_new_session=True,
             )
         except OSError:
             host.close()
@@ -184,7 +178,8 @@ class Launchers:
     async def _discard(self, p: Prepared) -> None:
         if p.proc.returncode is None:
             if p.proc.stdin is not None:
-                p.proc.stdin.close()  # EOF: the launcher exits without exec
+                with contextlib.suppress(OSError):
+                    p.proc.stdin.close()  # EOF: the launcher exits without exec
             try:
                 await asyncio.wait_for(p.proc.wait(), 2.0)
             except TimeoutError:

@@ -29,6 +29,7 @@ from .limits import Limits
 from .proxy import CallContext, HostProxy, ProxyHandler
 from .result import Ending, JailResult, LogEntry, decide, frame_usage, log_entry
 from .runtime import _frames
+from .spawn import Process, spawn
 
 NSJAIL_LOG_CAP = 64 * 1024
 CLOSE_GRACE_S = 1.0
@@ -344,7 +345,7 @@ class Worker:
             self.proxy = HostProxy(
                 config.runtime_dir.parent / "sock", proxy_handler, rate_per_s=proxy_rate_per_s
             )
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: Process | None = None
         self.jail_pid: int | None = None
         self.ready = False
         self.load_error: dict[str, Any] | None = None
@@ -446,14 +447,7 @@ class Worker:
                 log_fd=log_w,
                 cgroup_procs=self.config.slots.procs_files(slot),
             )
-            self.proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=(jail.fileno(), log_w),
-                start_new_session=True,
-            )
+            self.proc = await spawn(cmd, stdin=False, pass_fds=(jail.fileno(), log_w))
         except OSError as exc:
             host.close()
             os.close(log_r)

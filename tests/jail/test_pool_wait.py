@@ -53,3 +53,35 @@ async def test_long_calls_do_not_wait(runner: JailRunner, deploy: Deploy) -> Non
         assert pool.stats.started == 2
     finally:
         await pool.aclose()
+
+
+async def test_calls_that_keep_waiting_scale_the_version_out(
+    runner: JailRunner, deploy: Deploy
+) -> None:
+    pool = WarmPool(runner.config, max_idle_per_key=3, idle_s=30)
+    pool.start()
+    try:
+        spec = runner.spec(deploy(QUICK), "handler:handler", Limits(timeout_s=5))
+        key = "t/quick@1:b"
+        for i in range(6):  # one cold start, then warm calls (and a hot spare)
+            await pool.run(key, spec, Invocation(f"w{i}", "quick", 1, "t"))
+        for _ in range(20):
+            burst = await asyncio.gather(
+                *(pool.run(key, spec, Invocation(f"b{i}", "quick", 1, "t")) for i in range(4))
+            )
+            assert [r.body for r in burst] == [b"quick"] * 4
+            # Waiting calls take whichever worker is free first; none starts cold.
+            assert [r.start for r in burst] == ["warm"] * 4, [describe(r) for r in burst]
+            if pool.stats.started >= 3:
+                break
+            await asyncio.sleep(0.05)  # the background start finishes
+        # A third worker was started for the waiting calls, and no more than
+        # max_idle_per_key: four concurrent calls share three workers.
+        assert pool.stats.started == 3
+        await asyncio.gather(
+            *(pool.run(key, spec, Invocation(f"c{i}", "quick", 1, "t")) for i in range(4))
+        )
+        await asyncio.sleep(0.2)
+        assert pool.stats.started == 3
+    finally:
+        await pool.aclose()
