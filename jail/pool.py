@@ -182,11 +182,11 @@ class WarmPool:
         """Every worker of this version is busy and a call waits for one: start
         one more in the background (the call takes whichever is free first).
 
-        Without it a version called at a steady concurrency above its workers
-        would queue behind them for good (hot spares stop at two): in the soak,
-        22 % of the good function's calls waited 5-28 ms for a worker while
-        hostile load slowed each call. One start at a time, up to
-        ``max_idle_per_key`` workers.
+        Without it a version whose quick calls rise to a steady concurrency
+        above its workers would queue behind them for good: waiting is chosen
+        over a cold start call by call, so nothing else adds a worker (hot
+        spares stop at two). One start at a time, up to ``max_idle_per_key``
+        workers; beyond that, calls wait or start cold as before.
         """
         held = entry.busy - 1 - len(entry.waiters)  # this call holds none yet
         if self._closed or entry.starting or len(entry.idle) + held >= self.max_idle_per_key:
