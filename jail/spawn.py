@@ -55,7 +55,7 @@ class Process:
     def send_signal(self, sig: int) -> None:
         if self._popen.returncode is not None:
             raise ProcessLookupError(self.pid)
-        # The pidfd pins the pid until this process is reaped (in _reap).
+        # Only _reap reaps it: until then the pid is this process's, even as a zombie.
         os.kill(self.pid, sig)
 
     def kill(self) -> None:
