@@ -303,7 +303,8 @@ def create_app(settings: Settings) -> Starlette:
         call = Call(
             method=request.method,
             path=path,
-            query_string=request.url.query,
+            # From the scope: request.url parses the whole URL for this one part.
+            query_string=request.scope["query_string"].decode("utf-8", "replace"),
             headers=tuple(
                 (k.decode("latin-1"), v.decode("latin-1"))
                 for k, v in request.headers.raw

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,7 +56,7 @@ RUNNING_RECORD_AFTER_S = 0.1
 
 def new_invocation_id() -> str:
     # Time-ordered prefix (ms) so ids sort roughly by start; random tail.
-    return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:12]}"
+    return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
 
 
 @dataclass(frozen=True, slots=True)

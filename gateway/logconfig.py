@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as _json
 import logging
 import sys
 
@@ -15,6 +16,15 @@ class _NamedWriteLogger(structlog.WriteLogger):
     def __init__(self, name: str) -> None:
         super().__init__(sys.stdout)
         self.name = name
+
+
+# One encoder for every line: JSONRenderer's default, json.dumps(default=...),
+# builds a new encoder per call, on the path of every invocation.
+_ENCODER = _json.JSONEncoder(default=repr)
+
+
+def _dumps(obj: object, **_kw: object) -> str:
+    return _ENCODER.encode(obj)
 
 
 def _named(*args: object) -> _NamedWriteLogger:
@@ -44,7 +54,7 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
         else structlog.processors.format_exc_info
     )
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(_dumps) if as_json else structlog.dev.ConsoleRenderer()
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.add_logger_name, exceptions, renderer],

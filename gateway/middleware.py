@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,7 +28,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         structlog.contextvars.clear_contextvars()
-        request_id = uuid.uuid4().hex[:16]
+        request_id = os.urandom(8).hex()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         t0 = time.monotonic()
         status = 0

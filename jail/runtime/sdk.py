@@ -23,7 +23,31 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
     from collections.abc import Iterator, Mapping
+    from functools import cached_property as _lazy
     from typing import Any
+
+    from jail.runtime import _frames
+else:
+    try:
+        import _frames  # in the jail: this file is the top-level module nsfaas
+    except ImportError:
+        from jail.runtime import _frames
+
+    class _lazy:
+        """An attribute made on first use, then kept in the instance's __dict__
+        (a non-data descriptor). What a handler does not use is never built: in
+        a forked child every object touched costs a copy-on-write page fault."""
+
+        def __init__(self, make):
+            self.make = make
+            self.name = make.__name__
+
+        def __get__(self, obj, owner=None):
+            if obj is None:
+                return self
+            value = obj.__dict__[self.name] = self.make(obj)
+            return value
+
 
 __all__ = [
     "Context",
@@ -83,18 +107,22 @@ class Request:
     def __init__(self, meta: Mapping[str, Any], body: bytes) -> None:
         self.method: str = meta.get("method", "GET")
         self.path: str = meta.get("path", "/")
-        self.path_params: dict[str, str] = dict(meta.get("path_params") or {})
         self.query_string: str = meta.get("query_string", "")
-        self._query_all: dict[str, list[str]] | None = None
-        self.headers = Headers([(str(k), str(v)) for k, v in meta.get("headers") or []])
         self.body: bytes = body
+        self._meta = meta
 
-    @property
+    @_lazy
+    def path_params(self) -> dict[str, str]:
+        return dict(self._meta.get("path_params") or {})
+
+    @_lazy
+    def headers(self) -> Headers:
+        return Headers([(str(k), str(v)) for k, v in self._meta.get("headers") or []])
+
+    @_lazy
     def query_all(self) -> dict[str, list[str]]:
         """Every value of every query parameter."""
-        if self._query_all is None:
-            self._query_all = parse_qs(self.query_string, keep_blank_values=True)
-        return self._query_all
+        return parse_qs(self.query_string, keep_blank_values=True)
 
     @property
     def query(self) -> dict[str, str]:
@@ -291,10 +319,24 @@ class Context:
         self.tenant: str = meta.get("tenant", "")
         self.env: dict[str, str] = dict(meta.get("env") or {})
         self._deadline = time.monotonic() + float(meta.get("timeout_s", 0))
-        self.log = Logger(log_fd)
-        self._proxy = _Proxy(proxy_path)
-        self.kv = KV(self._proxy)
-        self.http = HTTP(self._proxy)
+        self._log_fd = log_fd
+        self._proxy_path = proxy_path
+
+    @_lazy
+    def log(self) -> Logger:
+        return Logger(self._log_fd)
+
+    @_lazy
+    def kv(self) -> KV:
+        return KV(self._proxy)
+
+    @_lazy
+    def http(self) -> HTTP:
+        return HTTP(self._proxy)
+
+    @_lazy
+    def _proxy(self) -> _Proxy:
+        return _Proxy(self._proxy_path)
 
     def remaining_ms(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
@@ -338,7 +380,7 @@ def to_response(value: Any) -> tuple[int, list[list[str]], bytes]:
         body = bytes(value)
         ctype("application/octet-stream")
     elif isinstance(value, dict | list):
-        body = json.dumps(value).encode()
+        body = _frames.dumps(value).encode()
         ctype("application/json")
     else:
         raise TypeError(f"cannot return a {type(value).__name__} from a handler")

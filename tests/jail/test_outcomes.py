@@ -85,6 +85,9 @@ def handler(request, ctx):
         "id": ctx.invocation_id, "function": ctx.function, "version": ctx.version,
         "tenant": ctx.tenant, "env": ctx.env,
         "remaining": 0 < ctx.remaining_ms() <= 5000,
+        # made on first use, then the same object for the whole invocation
+        "same": [request.headers is request.headers, request.path_params is request.path_params,
+                 ctx.log is ctx.log, ctx.kv is ctx.kv, ctx.kv._proxy is ctx.http._proxy],
     }
 """
     _, _, raw = await _ok(
@@ -98,7 +101,7 @@ def handler(request, ctx):
         "method": "POST", "path": "/a/b", "query": {"x": "1", "y": ""},
         "all": {"x": ["1", "2"], "y": [""]}, "params": {"who": "me"}, "h": "v", "H": "v",
         "json": {"k": [1]}, "text": '{"k": [1]}', "function": "greet", "version": 7,
-        "tenant": "acme", "env": {"K": "V"}, "remaining": True,
+        "tenant": "acme", "env": {"K": "V"}, "remaining": True, "same": [True] * 5,
     }
 
 

@@ -131,3 +131,23 @@ async def test_a_child_killed_before_its_request_never_answers_another(
     for i in range(3):
         r = await worker.invoke(Invocation("c", "f", 1, "t", body=f"call {i}".encode()), start="warm")
         assert body_json(r) == {"got": f"call {i}"}, describe(r)
+
+
+async def test_the_zygotes_rehearsal_leaves_no_trace(jail: Jail) -> None:
+    """Before its first fork the zygote runs the runtime's side of an invocation
+    on dummy data (request, context, ctx.log into /dev/null, responses): none of
+    it reaches an invocation, which sees only its own request and its own logs."""
+    worker = await jail.worker("""
+def handler(request, ctx):
+    ctx.log.info("mine", q=request.query_string)
+    return {"q": request.query_all, "h": request.headers.items(), "p": request.path_params,
+            "body": request.text()}
+""")
+    for n in range(2):
+        r = await worker.invoke(Invocation(f"i{n}", "f", 1, "t", query_string=f"n={n}"),
+                                start="warm")
+        assert r.outcome == "ok", describe(r)
+        assert body_json(r) == {"q": {"n": [str(n)]}, "h": [], "p": {}, "body": ""}
+        assert [(e.stream, e.message, e.fields) for e in r.logs] == [
+            ("ctx", "mine", {"q": f"n={n}"})
+        ], describe(r)
