@@ -18,7 +18,7 @@ VALUES: list[Any] = [
     {"nested": {"a": [1, [2, {"b": "c"}]]}, "empty": {"x": []}},
     {"unicode": "héllo ☃ 𝄞", "ctrl": "a\nb\t\"q\"\\", "surrogate": "\ud800"},
     {"big": 10**30, "neg": -0.0, "exp": 1e300, "inf": math.inf, "nan": math.nan},
-    {1: "int key", 2.5: "float key", True: "bool key", None: "none key"},
+    {7: "int key", 2.5: "float key", True: "bool key", None: "none key"},
     [{"k": i} for i in range(100)],
 ]
 
