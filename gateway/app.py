@@ -334,6 +334,10 @@ def create_app(settings: Settings) -> Starlette:
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     routes = [
+        # Invocations first: the router tries routes in order, one regex each,
+        # and these carry nearly all the traffic (no other route can match them).
+        Route("/fn/{name}", invoke_named, methods=methods),
+        Route("/fn/{name}/{path:path}", invoke_named, methods=methods),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/api/v1/openapi.json", openapi.endpoint, methods=["GET"]),
@@ -347,8 +351,6 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/v1/functions/{name}/rollback", bind(fns.rollback), methods=["POST"]),
         *api_logs.routes(bind),
         *api_kv.routes(bind),
-        Route("/fn/{name}", invoke_named, methods=methods),
-        Route("/fn/{name}/{path:path}", invoke_named, methods=methods),
         Route("/{path:path}", invoke_declared, methods=methods),
     ]
     app = Starlette(

@@ -9,10 +9,12 @@ import random
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -558,6 +560,53 @@ async def test_records_written_alone_are_durable_and_the_wal_stays_bounded(
         assert [x.message for x in lines] == [f"line {last}"]
 
 
+async def test_concurrent_finishes_commit_together_on_the_loop(tmp_path: Path) -> None:
+    """Finishes that arrive in one turn of the event loop, while the writer thread
+    is idle, are written in one transaction on the loop's thread (no thread
+    hand-off); one that arrives while the writer thread is busy goes with its
+    next batch. Every record and line is there after a reopen."""
+    data = tmp_path / "data"
+    loop_thread = threading.get_ident()
+    threads: set[int] = set()
+    async with SqliteStore(data) as s:
+        import gateway._sqlite_records as records_mod
+
+        real = records_mod.finish_invocation
+
+        def spy(c: Any, rec: InvocationRecord) -> None:
+            threads.add(threading.get_ident())
+            real(c, rec)
+
+        records_mod.finish_invocation = spy  # type: ignore[assignment]
+        try:
+            recs = [replace(invocation(f"inv{i}", 1000.0 + i), outcome="ok", status=200)
+                    for i in range(8)]
+            lines = [NewLogLine(ts=1000.0 + i, invocation_id=r.id, tenant_id="t1",
+                                function="f", level="info", message=f"line {i}")
+                     for i, r in enumerate(recs)]
+            commits = s._commits
+            await asyncio.gather(*(s.finish_invocation(r, [x]) for r, x in zip(recs, lines, strict=True)))
+            assert threads == {loop_thread}
+            assert s._commits == commits + 1  # one transaction for all eight
+            # The writer thread busy with a bulk write: a finish meanwhile waits for it.
+            threads.clear()
+            bulk = [replace(lines[0], invocation_id="bulk", message=f"bulk {i}") for i in range(500)]
+            busy = asyncio.create_task(s.append_logs(bulk))
+            await asyncio.sleep(0)
+            late = replace(invocation("late", 2000.0), outcome="error", status=500)
+            await s.finish_invocation(late)
+            await busy
+            assert threads and loop_thread not in threads
+        finally:
+            records_mod.finish_invocation = real
+    async with SqliteStore(data) as s:
+        for i in range(8):
+            assert (await s.get_invocation(f"inv{i}")).status == 200
+            got, _ = await s.query_logs(invocation_id=f"inv{i}")
+            assert [x.message for x in got] == [f"line {i}"]
+        assert (await s.get_invocation("late")).outcome == "error"
+
+
 async def test_invocation_insert_finish_get(store: SqliteStore) -> None:
     rec = invocation("inv1", 1000.0)
     await store.insert_invocation(rec)
@@ -839,6 +888,7 @@ async def test_retention_by_count_and_age(log_store: SqliteStore) -> None:
 CRASH_SCRIPT = """
 import asyncio, os, sys
 from pathlib import Path
+from typing import Any
 from gateway.store import FunctionConfig, open_store
 
 async def main():
