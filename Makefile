@@ -36,7 +36,9 @@ test: $(VENV)/.test-installed
 	$(BIN)/pytest
 
 bench: $(VENV)/.test-installed
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/bench_cold.py
+	$(BIN)/python bench/bench_warm.py
 
 clean:
 	rm -rf $(VENV) .nsfaas .mypy_cache .pytest_cache .ruff_cache

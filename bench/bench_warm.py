@@ -430,7 +430,7 @@ def plot(cells: list[Cell], path: Path) -> bool:
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed: `.venv/bin/pip install matplotlib` for the PNG plot")
+        print('matplotlib is not installed: `.venv/bin/pip install -e ".[bench]"` for the PNG')
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
