@@ -241,7 +241,7 @@ async def main(args: argparse.Namespace) -> int:
             await deploy(c, name, src, timeout_s, mem)
         await capacity(c, 2.0)  # warm up
         cap = await capacity(c, args.capacity_seconds)
-        rate = max(1.0, cap * args.load)
+        rate = args.rate or max(1.0, cap * args.load)
         print(f"warm capacity at concurrency 8: {cap:.0f}/s; soak rate {rate:.0f}/s")
 
         base_stats: dict[str, list[float] | int] = {"lat": [], "bad": 0}
@@ -331,6 +331,8 @@ if __name__ == "__main__":
     p.add_argument("--baseline-seconds", type=float, default=30.0)
     p.add_argument("--capacity-seconds", type=float, default=5.0)
     p.add_argument("--load", type=float, default=0.8, help="fraction of warm capacity")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="good calls per second, instead of --load (to compare two runs)")
     p.add_argument("--sample-every", type=float, default=5.0)
     p.add_argument(
         "--settle", type=float, default=0.0,

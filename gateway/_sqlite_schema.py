@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.store import StoreError
+from jail.runtime import _frames
 
 _I = TypeVar("_I", str, int)
 
@@ -265,7 +266,7 @@ def decode_cursor(cursor: str, kind: type[_I]) -> tuple[float, _I]:
     """The (ts, id) of `encode_cursor`; ValueError if it is not one of ours."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        ts, ident = json.loads(raw)
+        ts, ident = _frames.loads(raw)  # ValueError for too-deep nesting too
     except (ValueError, TypeError, binascii.Error):
         raise ValueError("invalid cursor") from None
     if isinstance(ts, bool) or not isinstance(ts, int | float) or type(ident) is not kind:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+
+from jail.runtime import _frames
 
 from .errors import ApiError
 from .store import Store, Tenant
@@ -128,6 +129,6 @@ async def read_body(request: Request, cap: int, budget: ByteBudget | None = None
 
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return _frames.loads(body)  # json.loads, with too-deep nesting a ValueError too
+    except ValueError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None

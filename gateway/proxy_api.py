@@ -6,7 +6,6 @@ never by what the function sends.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
@@ -14,6 +13,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from jail.proxy import CallContext, ProxyCallError
+from jail.runtime import _frames
 
 from .store import LOG_LEVELS, Conflict, NewLogLine, NotFound, QuotaExceeded
 
@@ -31,7 +31,7 @@ BYTES_MARK = b"\x00b"  # values stored as raw bytes; anything else is JSON text
 def encode_value(value: bytes, *, is_json: bool) -> bytes:
     if is_json:
         try:
-            json.loads(value)
+            _frames.loads(value)  # ValueError for too-deep nesting too
         except ValueError:
             raise ProxyCallError("invalid_value", "value is not valid JSON") from None
         return value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import struct
@@ -84,7 +83,7 @@ def log_entry(stream: str, line: str, ts: float | None = None) -> LogEntry:
     level = "error" if stream == "stderr" else "info"
     if line.startswith("{"):
         try:
-            obj = json.loads(line)
+            obj = _frames.loads(line)  # ValueError for too-deep nesting too
         except ValueError:
             obj = None
         if isinstance(obj, dict):

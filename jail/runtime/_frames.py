@@ -49,17 +49,25 @@ def dumps(value: Any) -> str:
         raise
 
 
-def loads(raw: bytes) -> Any:
-    """``json.loads(raw)``; the fast path takes only a document that is exactly
-    one JSON value (what dumps writes), anything else goes to json.loads."""
+def loads(raw: bytes | str) -> Any:
+    """``json.loads(raw)``, except that JSON nested deeper than the recursion
+    limit is a ValueError too (json.loads raises RecursionError: a few KB of
+    brackets from a peer must be bad input, not a crash). The fast path takes
+    only a document that is exactly one JSON value (what dumps writes),
+    anything else goes to json.loads."""
     try:
-        text = raw.decode()
+        text = raw.decode() if isinstance(raw, bytes) else raw
         value, end = _SCAN(text, 0)
         if end == len(text):
             return value
     except (ValueError, StopIteration):
         pass
-    return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def encode(header: dict[str, Any], body: bytes = b"") -> bytes:

@@ -464,3 +464,34 @@ async def test_function_and_version_counts_are_capped(tmp_path: Path) -> None:
             assert r.status_code == 200
             r = await client.put("/api/v1/functions/a", json={"source": HELLO + "\n\n"}, headers=auth)
             assert r.status_code == 409 and r.json()["error"]["code"] == "version_limit"
+
+
+async def test_deeply_nested_json_is_a_400_not_a_500(api: Api) -> None:
+    """JSON nested deeper than Python's recursion limit (a few KB of brackets) is
+    bad input like any other: a 400 with a stable code, never a RecursionError."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    obj = b'{"a":' * 50_000 + b"1" + b"}" * 50_000
+    for body in (deep, obj):
+        r = await api.client.put(
+            "/api/v1/functions/x", content=body,
+            headers={**api.auth(), "Content-Type": "application/json"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    small = b"[" * 2_000 + b"]" * 2_000  # under the 4 KiB cap of these bodies
+    for path in ("/api/v1/tenants", "/api/v1/functions/x/rollback"):
+        r = await api.client.post(
+            path, content=small, headers={**api.auth(), "Content-Type": "application/json"}
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    r = await api.client.put(
+        "/api/v1/kv/k", content=b"[" * 30_000 + b"]" * 30_000,
+        headers={**api.auth(), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text
+    cursor = base64.urlsafe_b64encode(b"[" * 2_000 + b"]" * 2_000).decode()
+    for path in ("/api/v1/invocations", "/api/v1/functions/x/logs"):
+        r = await api.client.get(path, params={"cursor": cursor}, headers=api.auth())
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+        assert r.json()["error"]["code"], r.text
+    r = await api.client.get("/healthz")
+    assert r.status_code == 200

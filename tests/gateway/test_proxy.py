@@ -102,6 +102,23 @@ async def test_kv_limits_give_clear_errors(api: Api) -> None:
     }
 
 
+async def test_deeply_nested_json_through_the_proxy_is_invalid(api: Api) -> None:
+    """A few KB of brackets as a JSON value: json.loads raises RecursionError for
+    it; the proxy answers invalid_value like for any other bad JSON."""
+    src = (
+        "from nsfaas import ProxyError\n"
+        "def handler(request, ctx):\n"
+        "    try:\n"
+        "        ctx.kv._proxy.call('kv.put', b'[' * 5000 + b']' * 5000, key='k', json=True)\n"
+        "        return {'kv': 'stored'}\n"
+        "    except ProxyError as exc:\n"
+        "        return {'kv': exc.code, 'get': ctx.kv.get('k', 'absent')}\n"
+    )
+    await api.deploy("deepkv", src, public=True)
+    r = await api.client.get("/fn/deepkv")
+    assert r.status_code == 200 and r.json() == {"kv": "invalid_value", "get": "absent"}, r.text
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/redirect":
