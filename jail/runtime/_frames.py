@@ -41,9 +41,13 @@ class FrameError(Exception):
 
 
 def dumps(value: Any) -> str:
-    """``json.dumps(value)`` for a dict or a list, byte for byte."""
+    """``json.dumps(value)`` for a dict or a list, byte for byte; nesting deeper
+    than the recursion limit is a ValueError (json.dumps: RecursionError)."""
     try:
         return "".join(_ENCODER(value, 0))
+    except RecursionError:
+        _MARKERS.clear()
+        raise ValueError("JSON nested too deeply") from None
     except BaseException:
         _MARKERS.clear()  # what a failed run left there would mean "circular" next time
         raise

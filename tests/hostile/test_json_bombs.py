@@ -50,3 +50,18 @@ def handler(request, ctx):
     assert (r.outcome, r.error_type) == ("error", "NoResult"), describe(r)
     assert "nested too deeply" in (r.error_message or ""), describe(r)
     await fn.assert_recovers()
+
+
+async def test_a_deeply_nested_return_value_is_a_bad_response(jail: Jail, mode: str) -> None:
+    src = f"""
+def handler(request, ctx):
+    deep = []
+    for _ in range({DEPTH}):
+        deep = [deep]
+    return {{"deep": deep}}
+"""
+    fn = jail.function(src, mode, limits=LIM)
+    r = await fn()
+    assert (r.outcome, r.error_type) == ("bad_response", "BadResponse"), describe(r)
+    assert "nested too deeply" in (r.error_message or ""), describe(r)
+    await fn.assert_recovers()

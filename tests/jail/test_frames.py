@@ -69,3 +69,16 @@ def test_a_frame_round_trips() -> None:
     hlen, blen = _frames.PREFIX.unpack_from(data)
     assert _frames.decode_header(data[8 : 8 + hlen]) == header
     assert data[8 + hlen :] == b"body" and blen == 4
+
+
+def test_too_deep_is_a_value_error_both_ways() -> None:
+    deep: list[Any] = []
+    for _ in range(5_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        _frames.dumps(deep)
+    assert _frames.dumps([[1]]) == "[[1]]"  # nothing left behind
+    with pytest.raises(ValueError, match="nested too deeply"):
+        _frames.loads(b"[" * 5_000 + b"]" * 5_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        _frames.loads("[" * 5_000 + "]" * 5_000)
