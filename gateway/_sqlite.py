@@ -191,13 +191,7 @@ class SqliteStore(Store):
                 )
             except BaseException as exc:  # the executor is gone: fail the batch
                 outcomes = [(False, exc)] * len(batch)
-            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-                if fut.done():
-                    continue  # its caller was cancelled; the write happened anyway
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
+            _resolve(batch, outcomes)
 
     def _note_commits(self, n: int) -> None:
         self._commits += n
@@ -437,13 +431,7 @@ class SqliteStore(Store):
             return
         outcomes = self._in_write_batch([op for op, _ in batch])
         self._note_commits(0)
-        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-            if fut.done():
-                continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+        _resolve(batch, outcomes)
 
     def _write_inline(self, op: Callable[[sqlite3.Connection], None]) -> None:
         """One small write on the event loop's thread, while the writer thread is idle.
@@ -576,3 +564,17 @@ def _translate(exc: Exception) -> Exception:
     if isinstance(exc, sqlite3.Error):
         return StoreError("storage_error", f"database error: {exc}")
     return exc
+
+
+def _resolve(
+    batch: Sequence[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+    outcomes: Sequence[tuple[bool, Any]],
+) -> None:
+    """Hand each write of a batch its own result or exception."""
+    for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+        if fut.done():
+            continue  # its caller was cancelled; the write happened anyway
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)

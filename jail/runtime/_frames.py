@@ -45,20 +45,26 @@ def dumps(value: Any) -> str:
     than the recursion limit is a ValueError (json.dumps: RecursionError)."""
     try:
         return "".join(_ENCODER(value, 0))
-    except RecursionError:
-        _MARKERS.clear()
-        raise ValueError("JSON nested too deeply") from None
-    except BaseException:
+    except BaseException as exc:
         _MARKERS.clear()  # what a failed run left there would mean "circular" next time
+        if isinstance(exc, RecursionError):
+            raise ValueError("JSON nested too deeply") from None
         raise
 
 
 def loads(raw: bytes | str) -> Any:
     """``json.loads(raw)``, except that JSON nested deeper than the recursion
     limit is a ValueError too (json.loads raises RecursionError: a few KB of
-    brackets from a peer must be bad input, not a crash). The fast path takes
-    only a document that is exactly one JSON value (what dumps writes),
-    anything else goes to json.loads."""
+    brackets from a peer must be bad input, not a crash)."""
+    try:
+        return _loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _loads(raw: bytes | str) -> Any:
+    # The fast path takes only a document that is exactly one JSON value (what
+    # dumps writes); anything else, errors included, goes to json.loads.
     try:
         text = raw.decode() if isinstance(raw, bytes) else raw
         value, end = _SCAN(text, 0)
@@ -66,12 +72,7 @@ def loads(raw: bytes | str) -> Any:
             return value
     except (ValueError, StopIteration):
         pass
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+    return json.loads(raw)
 
 
 def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
