@@ -19,6 +19,7 @@ from gateway.store import (
     RouteEntry,
     Tenant,
     methods_overlap,
+    paths_overlap,
     parse_route,
     route_pattern,
 )
@@ -202,25 +203,33 @@ def all_routes(conn: sqlite3.Connection) -> list[RouteEntry]:
 def _claim_routes(
     conn: sqlite3.Connection, tenant_id: str, name: str, routes: list[tuple[str, str]]
 ) -> None:
-    """Make `routes` the function's routes, or raise Conflict before writing anything."""
+    """Make `routes` the function's routes, or raise Conflict before writing anything.
+
+    Within a tenant, only the same route twice collides ("/users/me" and
+    "/users/{id}" may be two functions: the more specific serves). Across
+    tenants any overlap does: one tenant's "/{rest:path}" must never serve
+    (and see the cookies of) a request meant for another tenant's route.
+    """
     for method, path in routes:
         others = conn.execute(
             """SELECT method, path, tenant_id, name FROM routes
-               WHERE pattern = ? AND NOT (tenant_id = ? AND name = ?)""",
-            (route_pattern(path), tenant_id, name),
+               WHERE NOT (tenant_id = ? AND name = ?)
+                 AND (tenant_id != ? OR pattern = ?)""",
+            (tenant_id, name, tenant_id, route_pattern(path)),
         )
         for other_method, other_path, other_tenant, other_name in others:
-            if methods_overlap(method, other_method):
+            if not methods_overlap(method, other_method):
+                continue
+            if other_tenant == tenant_id or paths_overlap(path, other_path):
                 # Name the other function only to its own tenant.
                 owner = (
-                    f"function {other_name!r}"
+                    f"function {other_name!r} ('{other_method} {other_path}')"
                     if other_tenant == tenant_id
-                    else "another tenant's function"
+                    else "a route of another tenant"
                 )
                 raise Conflict(
                     "route_conflict",
-                    f"route '{method} {path}' is taken: it collides with "
-                    f"'{other_method} {other_path}' of {owner}",
+                    f"route '{method} {path}' is taken: it overlaps {owner}",
                 )
     conn.execute("DELETE FROM routes WHERE tenant_id = ? AND name = ?", (tenant_id, name))
     conn.executemany(

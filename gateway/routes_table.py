@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from starlette.routing import compile_path
 
-from .store import RouteEntry
+from .store import RouteEntry, route_specificity
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +21,7 @@ class Match:
 class _Compiled:
     method: str
     regex: re.Pattern[str]
-    params: int
-    length: int
+    specificity: tuple[int, ...]
     entry: RouteEntry
 
 
@@ -32,10 +31,12 @@ class RouteTable:
     def __init__(self, entries: list[RouteEntry]) -> None:
         compiled = []
         for e in entries:
-            regex, _, convertors = compile_path(e.path)
-            compiled.append(_Compiled(e.method, regex, len(convertors), len(e.path), e))
-        # Literal segments beat parameters: fewer parameters first, then longer paths.
-        self._routes = sorted(compiled, key=lambda c: (c.params, -c.length))
+            regex, _, _ = compile_path(e.path)
+            compiled.append(_Compiled(e.method, regex, route_specificity(e.path), e))
+        # The most specific route first ("/users/me" before "/users/{id}" before
+        # "/{rest:path}"); overlapping routes of different tenants are refused
+        # when declared, so this order only ever chooses within one tenant.
+        self._routes = sorted(compiled, key=lambda c: c.specificity)
 
     def __len__(self) -> int:
         return len(self._routes)

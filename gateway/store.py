@@ -128,8 +128,51 @@ def route_pattern(path: str) -> str:
 
 
 def methods_overlap(a: str, b: str) -> bool:
-    """True if two route methods can match the same request (ANY overlaps everything)."""
-    return a == b or "ANY" in (a, b)
+    """True if two route methods can match the same request (ANY overlaps
+    everything; a GET route also answers HEAD)."""
+    return a == b or "ANY" in (a, b) or {a, b} == {"GET", "HEAD"}
+
+
+def _segments(path: str) -> tuple[list[str | None], bool]:
+    """A route path as its segments (None for a ``{param}``) and whether it
+    ends in a ``{name:path}`` tail (which is not among the segments)."""
+    parts = path[1:].split("/") if path != "/" else []
+    tail = bool(parts) and parts[-1].endswith(":path}") and _PARAM.fullmatch(parts[-1]) is not None
+    if tail:
+        parts = parts[:-1]
+    return [None if _PARAM.fullmatch(p) else p for p in parts], tail
+
+
+def paths_overlap(a: str, b: str) -> bool:
+    """True if some request path matches both route paths.
+
+    A ``{param}`` matches one non-empty segment, a ``{name:path}`` tail matches
+    the rest of the path (slashes included, possibly empty) after its '/'.
+    """
+    sa, tail_a = _segments(a)
+    sb, tail_b = _segments(b)
+
+    def same(x: str | None, y: str | None) -> bool:
+        return x is None or y is None or x == y
+
+    if not tail_a and not tail_b:
+        return len(sa) == len(sb) and all(map(same, sa, sb))
+    if tail_a and tail_b:
+        return all(map(same, sa, sb))  # zip: the shorter fixed part decides
+    fixed, tail_fixed = (sb, sa) if tail_a else (sa, sb)
+    # The tail route matches its fixed part + '/' + anything: the other path
+    # needs more segments (its own are never empty), except the root "/",
+    # which a "/{name:path}" route matches with an empty tail.
+    if not tail_fixed and not fixed:
+        return True
+    return len(fixed) > len(tail_fixed) and all(map(same, tail_fixed, fixed))
+
+
+def route_specificity(path: str) -> tuple[int, ...]:
+    """Sort key: at the first segment where two routes differ, a literal beats
+    a ``{param}``, which beats a ``{name:path}`` tail."""
+    segments, tail = _segments(path)
+    return tuple(1 if s is None else 0 for s in segments) + ((2,) if tail else ())
 
 
 # -- values -------------------------------------------------------------------------------
