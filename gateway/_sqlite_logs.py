@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway._sqlite_schema import decode_cursor, encode_cursor
-from gateway.store import LOG_LEVELS, LogLine, NewLogLine
+from gateway.store import LOG_LEVELS, LogLine, NewLogLine, fields_json, safe_text
 
 _MAX_SCOPE_TOKENS = 64  # above this many functions, filter rows instead of the FTS match
 _MARK_SPAN = 256  # ids per log_marks row: finer marks stop a search sooner
@@ -65,8 +65,8 @@ def append(
                 line.ts,
                 line.invocation_id,
                 level_number(line.level),
-                line.message,
-                json.dumps(line.fields, ensure_ascii=False, default=str) if line.fields else None,
+                safe_text(line.message),
+                fields_json(line.fields) if line.fields else None,
             )
             for line in lines
         ]

@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from gateway._sqlite_logs import prune_marks
 from gateway._sqlite_schema import decode_cursor, encode_cursor
-from gateway.store import InvocationRecord, NotFound
+from gateway.store import InvocationRecord, NotFound, safe_text
 
 # Dataclass field order; the table names the `trigger` field `trigger_kind` (a keyword).
 _FIELDS = [f.name for f in fields(InvocationRecord)]
@@ -25,7 +25,8 @@ _SELECT = f"SELECT {_COLUMNS} FROM invocations"  # noqa: S608
 
 def _values(rec: InvocationRecord) -> tuple[object, ...]:
     # Every field is a scalar: dataclasses.astuple's deep copy only costs time.
-    return tuple([getattr(rec, name) for name in _FIELDS])
+    values = [getattr(rec, name) for name in _FIELDS]
+    return tuple([safe_text(v) if isinstance(v, str) else v for v in values])
 
 
 def insert_invocation(conn: sqlite3.Connection, rec: InvocationRecord) -> None:

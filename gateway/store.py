@@ -70,6 +70,28 @@ class QuotaExceeded(StoreError):
     """A KV write would take the tenant over its byte or key quota; nothing was written."""
 
 
+def safe_text(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (valid in a Python str,
+    and in JSON as "\\ud800") becomes U+FFFD instead of failing a write."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
+def fields_json(fields: dict[str, Any]) -> str:
+    """A log line's fields as stored: JSON that any reader (and a JSON response)
+    accepts, whatever a caller put in them."""
+    try:
+        text = json.dumps(fields, ensure_ascii=False, default=str, allow_nan=False)
+    except (ValueError, RecursionError):  # NaN/Infinity, or nesting past the limit
+        return '{"fields_dropped": "not storable as JSON (NaN, Infinity or too deep)"}'
+    return safe_text(text)
+
+
 # -- routes -------------------------------------------------------------------------------
 
 ROUTE_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "ANY"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import struct
@@ -45,6 +46,11 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 16 * 1024
+# What JSON from inside a jail may hold that neither the store (UTF-8 text)
+# nor a JSON response (no NaN) can: lone surrogates ("\\ud800" is valid JSON,
+# not UTF-8) and NaN/Infinity. Only a document that mentions one is walked.
+_SUSPECT = re.compile(r"\\u[dD][89a-fA-F]|NaN|Infinity")
+_SUSPECT_BYTES = re.compile(_SUSPECT.pattern.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,63 @@ class JailResult:
     limit_value: float | None = None
 
 
+def jail_json(raw: bytes | str) -> Any:
+    """JSON from inside a jail, safe to store and to serve: lone surrogates
+    become U+FFFD and non-finite numbers null. ValueError as ``_frames.loads``."""
+    value = _frames.loads(raw)
+    suspect = _SUSPECT_BYTES if isinstance(raw, bytes) else _SUSPECT
+    if not suspect.search(raw):  # type: ignore[arg-type]
+        return value
+    try:
+        return _scrub(value)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def jail_header(raw: bytes) -> dict[str, Any]:
+    """``_frames.decode_header`` for a frame that comes out of a jail."""
+    try:
+        header = jail_json(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _frames.FrameError(f"frame header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _frames.FrameError("frame header is not a JSON object")
+    return header
+
+
+def clean_text(text: str) -> str:
+    """``text`` without lone surrogates (each becomes U+FFFD)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
+def usage_number(value: Any) -> float | None:
+    """A cpu_ms/maxrss_kb figure a jail reported: a finite number >= 0, or None.
+    (The runtime in the jail reports them; a function can forge them.)"""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
 def log_entry(stream: str, line: str, ts: float | None = None) -> LogEntry:
     """Structured lines from ctx.log / logging keep level and fields;
     a stdout/stderr line that is itself a JSON object becomes fields."""
@@ -83,15 +146,17 @@ def log_entry(stream: str, line: str, ts: float | None = None) -> LogEntry:
     level = "error" if stream == "stderr" else "info"
     if line.startswith("{"):
         try:
-            obj = _frames.loads(line)  # ValueError for too-deep nesting too
+            obj = jail_json(line)  # ValueError for too-deep nesting too
         except ValueError:
             obj = None
         if isinstance(obj, dict):
             if stream == "ctx":
                 lvl = str(obj.get("level", "info")).lower()
                 fields = obj.get("fields")
+                stamp = usage_number(obj.get("ts"))
                 return LogEntry(
-                    ts=float(obj["ts"]) if isinstance(obj.get("ts"), int | float) else now,
+                    # The child's clock, unless it is not a time of this invocation.
+                    ts=stamp if stamp is not None and abs(stamp - now) < 3600 else now,
                     stream=stream,
                     level=lvl if lvl in LEVELS else "info",
                     message=str(obj.get("message", ""))[:16384],
@@ -195,7 +260,7 @@ def decide(end: Ending) -> dict[str, Any]:
         return _from_frame(end.result_body, end)
     if isinstance(code, int) and code < 0:
         sig = -code
-        cpu_ms = float(done.get("cpu_ms") or 0)
+        cpu_ms = usage_number(done.get("cpu_ms")) or 0.0
         if end.oom_kills:
             return _limit("oom", "memory", lim.memory_mb, f"exceeded {lim.memory_mb} MB")
         # SIGXCPU comes from RLIMIT_CPU's soft limit, whose tick-based count runs
@@ -222,7 +287,7 @@ def frame_usage(raw: bytes) -> dict[str, Any]:
     """The cpu_ms/maxrss_kb a child reported about itself in its result frame."""
     try:
         hlen, _ = _frames.PREFIX.unpack_from(raw)
-        head = _frames.decode_header(raw[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
+        head = jail_header(raw[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
     except (_frames.FrameError, ValueError, struct.error):
         return {}
     usage = head.get("usage")
@@ -236,7 +301,7 @@ def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:
         hlen, blen = _frames.PREFIX.unpack_from(raw)
         if len(raw) != _frames.PREFIX.size + hlen + blen:
             raise _frames.FrameError("truncated result frame")
-        head = _frames.decode_header(raw[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
+        head = jail_header(raw[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
     except (_frames.FrameError, ValueError) as exc:
         return {"outcome": "error", "error_type": "NoResult", "error_message": str(exc)}
     body = raw[_frames.PREFIX.size + hlen :]

@@ -27,7 +27,16 @@ from .errors import WorkerError
 from .launcher import Prepared
 from .limits import Limits
 from .proxy import CallContext, HostProxy, ProxyHandler
-from .result import Ending, JailResult, LogEntry, decide, frame_usage, log_entry
+from .result import (
+    Ending,
+    JailResult,
+    LogEntry,
+    decide,
+    frame_usage,
+    jail_header,
+    log_entry,
+    usage_number,
+)
 from .runtime import _frames
 from .spawn import Process, spawn
 
@@ -152,7 +161,7 @@ class _Control:
             raw = bytes(self._buf[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
             del self._buf[: _frames.PREFIX.size + hlen]
             try:
-                header = _frames.decode_header(raw)
+                header = jail_header(raw)
             except _frames.FrameError as exc:
                 self.fail(str(exc))
                 return False
@@ -575,16 +584,16 @@ class Worker:
         done = end.done or {}
         if done.get("early") and end.result_body:
             done = {**done, **frame_usage(end.result_body)}
-        cpu = done.get("cpu_ms")
-        rss = done.get("maxrss_kb")
+        cpu = usage_number(done.get("cpu_ms"))
+        rss = usage_number(done.get("maxrss_kb"))
         if fields.get("outcome") == "jail_failure":
             logs.add("runtime", "nsjail: " + end.nsjail_log[-2000:])
         return JailResult(
             logs=tuple(logs.lines),
             logs_truncated=logs.truncated or fields.get("limit_name") == "output",
             wall_ms=(time.monotonic() - t0) * 1000.0,
-            cpu_ms=float(cpu) if isinstance(cpu, int | float) else None,
-            peak_memory_mb=round(rss / 1024.0, 2) if isinstance(rss, int | float) else None,
+            cpu_ms=cpu,
+            peak_memory_mb=round(rss / 1024.0, 2) if rss is not None else None,
             start="warm" if start == "warm" else "cold",
             **fields,
         )
