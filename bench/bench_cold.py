@@ -175,8 +175,10 @@ async def run_bare(argv: list[str], bare: Path, spec: JailSpec, uid: int, i: int
             loop.remove_reader(fd)
 
     try:
-        hlen, _ = _frames.PREFIX.unpack(await reader.readexactly(_frames.PREFIX.size))
-        header = _frames.decode_header(await reader.readexactly(hlen))
+        header = {"op": "loading"}
+        while header.get("op") == "loading":  # then "ready", as the gateway reads them
+            hlen, _ = _frames.PREFIX.unpack(await reader.readexactly(_frames.PREFIX.size))
+            header = _frames.decode_header(await reader.readexactly(hlen))
         assert header.get("op") == "ready", header
         request = {**invocation(i).frame_header(spec), "n": 1}
         stdin.send(_frames.encode(request, b""))

@@ -213,6 +213,7 @@ class Ending:
     pids_hits: int = 0
     nsjail_exit: int | None = None
     nsjail_log: str = ""
+    loading: bool = False  # the runtime died before it had loaded the function
 
 
 def decide(end: Ending) -> dict[str, Any]:
@@ -244,6 +245,16 @@ def decide(end: Ending) -> dict[str, Any]:
             # killer (it picks pid 1 when many small children share its memory).
             # Its cgroup, counter included, may be gone before it could be read.
             return _limit("oom", "memory", lim.memory_mb, f"exceeded {lim.memory_mb} MB")
+        if end.loading:
+            # Its import ended the runtime (os._exit, closing its channels, a
+            # signal): the function's failure, like an exception at import.
+            code = end.nsjail_exit
+            how = f"exit code {code}" if code is None or code < 128 else f"signal {code - 128}"
+            return {
+                "outcome": "error",
+                "error_type": "LoadFailed",
+                "error_message": f"the runtime ended while loading the function ({how})",
+            }
         return {
             "outcome": "killed",
             "error_type": "Killed",

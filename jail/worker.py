@@ -44,6 +44,7 @@ NSJAIL_LOG_CAP = 64 * 1024
 CLOSE_GRACE_S = 1.0
 CANCEL_GRACE_S = 0.5  # for the zygote to kill a timed-out child and report its exit
 EXIT_GRACE_S = 0.5  # after a whole answer, a child has this long to exit before SIGKILL
+START_EXIT_GRACE_S = 0.5  # for nsjail to exit once the runtime died while loading
 MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
 STRAY_CAP = 1 << 20  # output between two invocations that retires a worker (see _stray)
 CONTROL_FRAME_CAP = 64 * 1024  # control frames are small JSON objects without a body
@@ -375,6 +376,8 @@ class Worker:
         self._jail_pidfd: int | None = None
         self.slot: str | None = None
         self._last_counters: dict[str, int] | None = None
+        self._loading = False  # the runtime said it is importing the function
+        self._death: tuple[int, int] | None = None  # (nsjail exit, OOM kills) if it died loading
 
     @property
     def nsjail_log(self) -> str:
@@ -422,7 +425,16 @@ class Worker:
         ]
         try:
             header = await self._ctl.frame()
-        except (WorkerError, asyncio.CancelledError):
+            if header.get("op") == "loading":
+                # From here on the function's own import runs: if the runtime
+                # dies now, that is the function's failure, not the jail's.
+                self._loading = True
+                header = await self._ctl.frame()
+        except WorkerError:
+            await self._note_death()
+            await self.aclose(kill=True)
+            raise
+        except asyncio.CancelledError:
             await self.aclose(kill=True)
             raise
         if header.get("op") == "load_error":
@@ -431,11 +443,55 @@ class Worker:
             await self.aclose(kill=True)
             raise WorkerError(f"unexpected first frame {header.get('op')!r}")
         self.ready = True
+        self._last_counters = None  # the first invocation reads its own baseline
         self.jail_pid = next(iter(cg.children_of(proc.pid)), None)
         if self.jail_pid is not None:
             with contextlib.suppress(OSError):
                 # A pidfd pins the process: a later kill can never hit a reused pid.
                 self._jail_pidfd = os.pidfd_open(self.jail_pid)
+
+    async def _note_death(self) -> None:
+        """The runtime closed its channel before it was ready: how it ended
+        (nsjail's exit status, OOM kills in its slot), for ``start_failed``."""
+        proc = self.proc
+        if proc is None or self.slot is None or not self._loading:
+            return
+        if proc.returncode is None:
+            # The runtime is gone: nsjail follows in a moment.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), START_EXIT_GRACE_S)
+        if proc.returncode is None:
+            return
+        before, after = self._last_counters, self._counters()
+        oom = after["oom_kill"] - before["oom_kill"] if before else 0
+        self._death = (proc.returncode, oom)
+
+    async def start_failed(self, exc: WorkerError, t0: float) -> JailResult:
+        """The invocation's result when ``start`` failed: ``jail_failure`` if nsjail
+        could not run the jail, else what the function's import did to the
+        runtime (an exit, a signal, the memory limit), with what it printed."""
+        await self.aclose(kill=True)  # (start already did; the logs are drained)
+        code, oom = self._death or (None, 0)
+        end = Ending(
+            limits=self.spec.limits,
+            nsjail_exit=code,
+            nsjail_log=self.nsjail_log,
+            oom_kills=oom,
+            loading=self._death is not None,
+        )
+        fields = decide(end)
+        if fields["outcome"] == "jail_failure" or self._death is None:
+            fields = {
+                "outcome": "jail_failure",
+                "error_type": "JailFailure",
+                "error_message": f"{exc}; nsjail said: {self.nsjail_log[-500:]}",
+            }
+        return JailResult(
+            logs=tuple(self._own.lines),
+            logs_truncated=self._own.truncated,
+            wall_ms=(time.monotonic() - t0) * 1000.0,
+            **fields,
+        )
 
     async def _launch(self, limits: SlotLimits) -> tuple[socket.socket, int]:
         """Start nsjail through the plain launcher, which joins the slot itself."""
@@ -446,6 +502,7 @@ class Worker:
             self.slot = slot
         except OSError as exc:
             raise WorkerError(f"cannot prepare the jail's cgroup: {exc}") from None
+        self._last_counters = self._counters()  # baseline: an OOM at import is counted
         host, jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_r, log_w = os.pipe()
         try:
@@ -472,6 +529,7 @@ class Worker:
         """Hand nsjail's command line to a launcher already inside its slot."""
         self.slot = prepared.slot
         self.proc = prepared.proc
+        self._last_counters = self._counters()  # baseline: an OOM at import is counted
         try:
             self.config.slots.configure(prepared.slot, limits)
             cmd = build_command(
@@ -905,11 +963,5 @@ async def start_within_timeout(worker: Worker, t0: float) -> JailResult | None:
         fields = decide(Ending(limits=lim, timed_out=True))
         return JailResult(wall_ms=(time.monotonic() - t0) * 1000.0, **fields)
     except WorkerError as exc:
-        await worker.aclose(kill=True)
-        return JailResult(
-            outcome="jail_failure",
-            wall_ms=(time.monotonic() - t0) * 1000.0,
-            error_type="JailFailure",
-            error_message=f"{exc}; nsjail said: {worker.nsjail_log[-500:]}",
-        )
+        return await worker.start_failed(exc, t0)
     return None

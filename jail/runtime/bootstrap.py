@@ -371,6 +371,8 @@ def main(argv: list[str]) -> int:
     entrypoint = argv[2]
     once = argv[3] == "once"
     max_body = int(argv[4])
+    # The runtime is up: whatever ends it from here on is the function's import.
+    _frames.write_all(ctl, _frames.encode({"op": "loading"}))
     try:
         fn = load(entrypoint)
         if getattr(getattr(fn, "__code__", None), "co_flags", 0) & CO_COROUTINE:
