@@ -9,7 +9,13 @@ import pytest
 from .conftest import Api
 
 CASES = {
-    "exit": ("import os\nprint('bye', flush=True)\nos._exit(3)\n", 500, "error", "LoadFailed", "exit code 3"),
+    "exit": (
+        "import os\nprint('bye', flush=True)\nos._exit(3)\n",
+        500,
+        "error",
+        "LoadFailed",
+        "exit code 3",
+    ),
     "closed_channels": (
         "import os, sys\nos.closerange(3, 200)\nsys.exit(0)\n",
         500,
