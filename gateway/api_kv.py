@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -35,8 +36,18 @@ async def _tenant(gw: Gateway, request: Request) -> str:
 
 
 def _key(request: Request) -> str:
+    key: str = request.path_params["key"]
+    # The server percent-decodes the path with errors="replace": %FF and
+    # %ED%A0%80 (a surrogate) would both arrive as U+FFFD and share one key.
+    # Only the raw path tells them from a real U+FFFD (%EF%BF%BD).
+    raw = request.scope.get("raw_path")
+    if "\ufffd" in key and isinstance(raw, bytes):
+        try:
+            unquote_to_bytes(raw.partition(b"?")[0]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_key", "a key must be UTF-8 once percent-decoded") from None
     try:
-        return check_key(request.path_params["key"])
+        return check_key(key)
     except ProxyCallError as exc:
         raise ApiError(400, exc.code, exc.message) from None
 

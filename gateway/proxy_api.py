@@ -6,14 +6,14 @@ never by what the function sends.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from jail.proxy import CallContext, ProxyCallError
-from jail.runtime import _frames
 
 from .store import LOG_LEVELS, Conflict, NewLogLine, NotFound, QuotaExceeded
 
@@ -28,11 +28,17 @@ MAX_REDIRECTS = 5
 BYTES_MARK = b"\x00b"  # values stored as raw bytes; anything else is JSON text
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def encode_value(value: bytes, *, is_json: bool) -> bytes:
     if is_json:
         try:
-            _frames.loads(value)  # ValueError for too-deep nesting too
-        except ValueError:
+            # json.loads takes NaN and Infinity, which no other JSON parser
+            # reads back; a stored value must be JSON to every client.
+            json.loads(value, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             raise ProxyCallError("invalid_value", "value is not valid JSON") from None
         return value
     return BYTES_MARK + value
@@ -45,28 +51,28 @@ def decode_value(stored: bytes) -> tuple[bytes, bool]:
     return stored, True
 
 
+def _utf8_size(text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ProxyCallError("invalid_key", "a key must be valid unicode") from None
+
+
 def check_key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise ProxyCallError("invalid_key", "a key is a non-empty string")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ProxyCallError("invalid_key", "a key must be valid unicode") from None
-    if size > MAX_KEY_BYTES:
+    if _utf8_size(key) > MAX_KEY_BYTES:
         raise ProxyCallError("invalid_key", f"a key is at most {MAX_KEY_BYTES} bytes")
     return key
 
 
-def host_allowed(url: str, allow: tuple[str, ...]) -> bool:
+def host_allowed(url: httpx.URL, allow: tuple[str, ...]) -> bool:
     """Exact host (optionally host:port) or a ``*.domain`` suffix; default port only."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if url.scheme not in ("http", "https") or not url.raw_host:
         return False
-    host = parts.hostname.lower().rstrip(".")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return False
+    # raw_host is the IDNA (ASCII) form the client connects to; rules are ASCII.
+    host = url.raw_host.decode("ascii").lower().rstrip(".")
+    port = url.port or (443 if url.scheme == "https" else 80)
     for rule in allow:
         name, _, rport = rule.partition(":")
         if rport and int(rport) != port:
@@ -79,6 +85,16 @@ def host_allowed(url: str, allow: tuple[str, ...]) -> bool:
         elif host == name:
             return True
     return False
+
+
+def _parse_url(url: str, *, base: httpx.URL | None = None) -> httpx.URL:
+    """The URL that is both checked and fetched: one parser for both, so no
+    string can mean one host to the allow-list and another to the client."""
+    try:
+        return base.join(url) if base is not None else httpx.URL(url)
+    except (httpx.InvalidURL, ValueError):
+        # A URL that cannot be parsed names no allowed host.
+        raise ProxyCallError("egress_denied", f"not a valid URL: {url[:200]!r}") from None
 
 
 class ProxyService:
@@ -119,7 +135,7 @@ class ProxyService:
             if method == "kv.list":
                 prefix = params.get("prefix", "")
                 limit = params.get("limit", 100)
-                if not isinstance(prefix, str) or len(prefix.encode()) > MAX_KEY_BYTES:
+                if not isinstance(prefix, str) or _utf8_size(prefix) > MAX_KEY_BYTES:
                     raise ProxyCallError(
                         "invalid_key", "prefix must be a string of at most 512 bytes"
                     )
@@ -159,7 +175,12 @@ class ProxyService:
         level = params.get("level", "info")
         message = params.get("message", "")
         fields = params.get("fields", {})
-        if level not in LOG_LEVELS or not isinstance(message, str) or not isinstance(fields, dict):
+        if (
+            not isinstance(level, str)
+            or level not in LOG_LEVELS
+            or not isinstance(message, str)
+            or not isinstance(fields, dict)
+        ):
             raise ProxyCallError("bad_request", "log needs level, message and fields")
         # The same per-invocation caps as the log pipe: count here, refuse past them.
         lines = int(ctx.extra.get("log_lines", 0)) + 1
@@ -194,24 +215,31 @@ class ProxyService:
             raise ProxyCallError("bad_request", "unsupported method")
         if not isinstance(url, str) or not isinstance(headers, dict):
             raise ProxyCallError("bad_request", "url must be a string, headers an object")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        # NaN fails every comparison (a plain `<= 0` lets it through) and an
+        # int past 1e308 overflows float(): cap before converting.
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < math.inf
+        ):
             raise ProxyCallError("bad_request", "timeout must be a positive number")
         remaining = max(0.1, ctx.deadline - time.monotonic()) if ctx.deadline else 10.0
-        timeout = min(float(timeout), remaining, 30.0)
+        timeout = min(float(min(timeout, 30)), remaining)
         clean = {
             str(k): str(v)
             for k, v in headers.items()
             if str(k).lower() not in ("host", "content-length", "transfer-encoding", "connection")
         }
+        target = _parse_url(url)
         for _ in range(MAX_REDIRECTS + 1):
-            if not host_allowed(url, ctx.egress_allow):
+            if not host_allowed(target, ctx.egress_allow):
                 raise ProxyCallError(
-                    "egress_denied", f"egress to {urlsplit(url).netloc[:200]!r} is not allowed"
+                    "egress_denied", f"egress to {target.netloc.decode()[:200]!r} is not allowed"
                 )
             try:
                 req = self.client.build_request(
                     method,
-                    url,
+                    target,
                     headers=clean,
                     content=body or None,
                     timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
@@ -223,7 +251,7 @@ class ProxyService:
                 ) from None
             try:
                 if resp.is_redirect and "location" in resp.headers:
-                    url = urljoin(url, resp.headers["location"])
+                    target = _parse_url(resp.headers["location"], base=target)
                     if resp.status_code in (301, 302, 303):
                         method, body = ("GET" if method != "HEAD" else "HEAD"), b""
                     continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import secrets
 import shutil
@@ -19,7 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from .runtime import _frames
+
+log = structlog.get_logger("nsfaas.proxy")
 
 PROTOCOL_VERSION = 1
 MAX_HEADER = 64 * 1024
@@ -55,6 +60,40 @@ class ProxyCallError(Exception):
 ProxyHandler = Callable[
     [CallContext, str, dict[str, Any], bytes], Awaitable[tuple[dict[str, Any], bytes]]
 ]
+
+
+def _not_json(value: Any) -> str | None:
+    """Why a parsed header is not strict JSON (RFC 8259), or None.
+
+    Python's parser accepts two things that break whatever the value reaches
+    next: a lone surrogate written as an escape ("\\ud800"), which no UTF-8
+    codec or SQLite text column takes, and NaN or Infinity, which JSON
+    renderers (the logs API's among them) refuse. Refused here, at the edge,
+    rather than in each method. Iterative: a header nests as deep as the
+    parser allows.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "strings must not hold lone surrogates"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "NaN and Infinity are not JSON"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _error_head(call_id: int, code: str, message: str) -> dict[str, Any]:
+    return {"v": 1, "id": call_id, "ok": False, "code": code, "message": message[:1000]}
 
 
 class _Bucket:
@@ -145,8 +184,8 @@ class HostProxy:
     async def _dispatch(
         self, writer: asyncio.StreamWriter, header: dict[str, Any], body: bytes
     ) -> None:
-        call_id = header.get("id") if isinstance(header.get("id"), int) else 0
-        assert isinstance(call_id, int)
+        raw_id = header.get("id")
+        call_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else 0
         method, params = header.get("method"), header.get("params", {})
         ctx = self._ctx
         self.calls += 1
@@ -156,6 +195,8 @@ class HostProxy:
             )
         elif not isinstance(method, str) or not isinstance(params, dict):
             await self._reply(writer, call_id, error=("bad_request", "method and params required"))
+        elif (why := _not_json(header)) is not None:
+            await self._reply(writer, call_id, error=("bad_request", why))
         elif ctx is None:
             await self._reply(writer, call_id, error=("no_invocation", "no invocation is running"))
         elif not self._bucket.take():
@@ -165,6 +206,16 @@ class HostProxy:
                 result, data = await self.handler(ctx, method, params, body)
             except ProxyCallError as exc:
                 await self._reply(writer, call_id, error=(exc.code, exc.message))
+            except Exception:
+                # A bug in a method must cost its caller one call, not the
+                # connection: the client would only see it closed.
+                log.exception(
+                    "proxy_call_failed",
+                    method=method[:64],
+                    invocation_id=ctx.invocation_id,
+                    tenant=ctx.tenant,
+                )
+                await self._reply(writer, call_id, error=("internal_error", "internal error"))
             else:
                 await self._reply(writer, call_id, result=result, data=data)
 
@@ -178,17 +229,18 @@ class HostProxy:
         error: tuple[str, str] | None = None,
     ) -> None:
         if error is not None:
-            head: dict[str, Any] = {
-                "v": 1,
-                "id": call_id,
-                "ok": False,
-                "code": error[0],
-                "message": error[1][:1000],
-            }
+            head = _error_head(call_id, *error)
         else:
             head = {**(result or {}), "v": 1, "id": call_id, "ok": True}
+        try:
+            frame = _frames.encode(head, data)
+        except (TypeError, ValueError):
+            # A method returned something JSON cannot carry: a bug in the
+            # gateway, answered like one rather than leaving the call unanswered.
+            log.exception("proxy_reply_unencodable", reply_keys=sorted(map(str, head)))
+            frame = _frames.encode(_error_head(call_id, "internal_error", "internal error"))
         with contextlib.suppress(ConnectionError):
-            writer.write(_frames.encode(head, data))
+            writer.write(frame)
             await writer.drain()
 
     async def aclose(self) -> None:

@@ -176,9 +176,25 @@ class InvokeError(ProxyError):
 
 _ERRORS = {"kv_quota_exceeded": KVQuotaExceeded, "egress_denied": EgressDenied}
 
+# jail/proxy.py's caps (a test checks they agree): the proxy answers a bigger
+# frame with frame_too_large and closes the connection, so it is refused here,
+# before anything is sent.
+_MAX_HEADER = 64 * 1024
+_MAX_BODY = 2 * 1024 * 1024
+# Error replies after which the proxy closes the connection.
+_CLOSING = frozenset({"bad_frame", "frame_too_large", "too_many_connections"})
+
+
+def _closed() -> ProxyError:
+    return ProxyError("proxy_closed", "the host proxy closed the connection")
+
 
 class _Proxy:
-    """Client of the host-proxy socket; one connection, one call at a time."""
+    """Client of the host-proxy socket; one connection, one call at a time.
+
+    A connection the proxy closed is dropped and the next call opens a new
+    one; no OSError reaches the caller.
+    """
 
     def __init__(self, path: str) -> None:
         self._path = path
@@ -188,25 +204,77 @@ class _Proxy:
 
     def call(self, op: str, body: bytes = b"", **params: Any) -> tuple[dict[str, Any], bytes]:
         with self._lock:
-            if self._sock is None:
-                if not os.path.exists(self._path):
-                    raise ProxyError("proxy_unavailable", "no host proxy in this jail")
-                import socket
-
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._sock.connect(self._path)
             self._next += 1
             head = json.dumps({"v": 1, "id": self._next, "method": op, "params": params})
             raw = head.encode()
-            self._sock.sendall(struct.pack(">II", len(raw), len(body)) + raw + body)
-            hlen, blen = struct.unpack(">II", self._recv(8))
-            reply = json.loads(self._recv(hlen))
-            data = self._recv(blen) if blen else b""
+            if len(raw) > _MAX_HEADER or len(body) > _MAX_BODY:
+                raise ProxyError(
+                    "frame_too_large",
+                    f"{len(raw)} header bytes (at most {_MAX_HEADER}) and"
+                    f" {len(body)} body bytes (at most {_MAX_BODY})",
+                )
+            reply, data = self._exchange(struct.pack(">II", len(raw), len(body)) + raw + body)
+            if not reply.get("ok") and reply.get("code") in _CLOSING:
+                self._drop()
         if not reply.get("ok"):
             code = str(reply.get("code", "proxy_error"))
             cls = _ERRORS.get(code, InvokeError if op == "invoke" else ProxyError)
             raise cls(code, str(reply.get("message", "")))
         return reply, data
+
+    def _exchange(self, frame: bytes) -> tuple[dict[str, Any], bytes]:
+        reused = self._sock is not None
+        try:
+            self._send(frame)
+        except OSError:
+            if not reused:
+                self._stop_sending()
+            else:
+                # The proxy closed this connection while it sat idle. A send
+                # that failed delivered no whole frame, so nothing ran and the
+                # frame can go again on a new connection.
+                self._drop()
+                try:
+                    self._send(frame)
+                except OSError:
+                    self._stop_sending()
+        try:
+            hlen, blen = struct.unpack(">II", self._recv(8))
+            reply = json.loads(self._recv(hlen))
+            return reply, self._recv(blen) if blen else b""
+        except OSError:
+            self._drop()
+            raise _closed() from None
+
+    def _send(self, frame: bytes) -> None:
+        if self._sock is None:
+            if not os.path.exists(self._path):
+                raise ProxyError("proxy_unavailable", "no host proxy in this jail")
+            import socket
+
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError as exc:
+                raise ProxyError("proxy_unavailable", f"no socket: {exc}") from None
+            try:
+                sock.connect(self._path)
+            except OSError as exc:
+                sock.close()
+                raise ProxyError(
+                    "proxy_unavailable", f"cannot reach the host proxy: {exc}"
+                ) from None
+            self._sock = sock
+        self._sock.sendall(frame)
+
+    def _stop_sending(self) -> None:
+        """After a failed send on a new connection. The proxy may have answered
+        before closing it (too_many_connections), so the reply is still read;
+        shutting our side first makes that read end even if there is none."""
+        assert self._sock is not None
+        try:
+            self._sock.shutdown(1)  # SHUT_WR; the socket module is imported lazily
+        except OSError:
+            pass
 
     def _recv(self, n: int) -> bytes:
         assert self._sock is not None
@@ -214,10 +282,15 @@ class _Proxy:
         while len(buf) < n:
             chunk = self._sock.recv(n - len(buf))
             if not chunk:
-                self._sock = None
-                raise ProxyError("proxy_closed", "the host proxy closed the connection")
+                self._drop()
+                raise _closed()
             buf += chunk
         return bytes(buf)
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 class KV:
