@@ -19,8 +19,8 @@ from gateway.store import (
     RouteEntry,
     Tenant,
     methods_overlap,
-    paths_overlap,
     parse_route,
+    paths_overlap,
     route_pattern,
 )
 

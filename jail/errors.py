@@ -3,6 +3,7 @@
 JailError                 root; OSError never leaves jail/
 ├── JailUnavailable       nsjail cannot run here (self-check failed); says what is missing
 └── WorkerError           one worker failed to start or broke its protocol
+    └── WorkerGone        a warm worker became unusable before it took an invocation
 """
 
 from __future__ import annotations
@@ -18,3 +19,9 @@ class JailUnavailable(JailError):
 
 class WorkerError(JailError):
     """A jailed worker failed to start or sent something outside the protocol."""
+
+
+class WorkerGone(WorkerError):
+    """A warm worker became unusable before the request was written (it
+    retired, or its runtime died while idle): nothing of the invocation ran,
+    so it may go to another worker."""

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from .command import JailConfig, JailSpec
-from .errors import WorkerError
+from .errors import WorkerError, WorkerGone
 from .proxy import ProxyHandler
 from .result import JailResult
 from .worker import Invocation, Worker, start_within_timeout
@@ -110,13 +110,7 @@ class WarmPool:
                 worker = await self._wait_for_worker(entry, wait)
             if worker is None:
                 kind = "cold"
-                worker = Worker(
-                    self.config,
-                    spec,
-                    proxy_handler=self.proxy_handler,
-                    proxy_rate_per_s=self.proxy_rate_per_s,
-                )
-                self.stats.started += 1
+                worker = self._new_worker(spec)
                 failed = await start_within_timeout(worker, t0)
                 if failed is not None:
                     return failed
@@ -125,7 +119,18 @@ class WarmPool:
                 self.stats.reused += 1
             deadline = t0 + spec.limits.timeout_s if kind == "cold" else None
             t1 = time.monotonic()
-            result = await worker.invoke(inv, start=kind, deadline=deadline)
+            try:
+                result = await worker.invoke(inv, start=kind, deadline=deadline)
+            except WorkerGone:
+                # It retired (or died idle) before taking the request: nothing
+                # ran, so the invocation goes to a new worker (once).
+                self.stats.replaced += 1
+                kind = "cold"
+                worker = self._new_worker(spec)
+                failed = await start_within_timeout(worker, t0)
+                if failed is not None:
+                    return failed
+                result = await worker.invoke(inv, start=kind, deadline=t0 + spec.limits.timeout_s)
             if kind == "warm":
                 entry.call_ms = _average(entry.call_ms, (time.monotonic() - t1) * 1000.0)
         finally:
@@ -145,6 +150,15 @@ class WarmPool:
         self._hot_spare(key, entry, spec, t0)
         self.on_change(self.idle_workers)
         return replace(result, wall_ms=(time.monotonic() - t0) * 1000.0)
+
+    def _new_worker(self, spec: JailSpec) -> Worker:
+        self.stats.started += 1
+        return Worker(
+            self.config,
+            spec,
+            proxy_handler=self.proxy_handler,
+            proxy_rate_per_s=self.proxy_rate_per_s,
+        )
 
     def _wait_budget(self, entry: _Key) -> float:
         """How long a call may wait for a busy worker of its version (seconds).
@@ -241,14 +255,8 @@ class WarmPool:
         task.add_done_callback(self._closing.discard)
 
     async def _start_idle(self, key: str, entry: _Key, spec: JailSpec) -> None:
-        worker = Worker(
-            self.config,
-            spec,
-            proxy_handler=self.proxy_handler,
-            proxy_rate_per_s=self.proxy_rate_per_s,
-        )
+        worker = self._new_worker(spec)
         try:
-            self.stats.started += 1
             t0 = time.monotonic()
             async with asyncio.timeout(spec.limits.timeout_s):
                 await worker.start()

@@ -23,7 +23,7 @@ from typing import Any
 from . import cgroups as cg
 from .cgroups import SlotLimits
 from .command import JailConfig, JailSpec, build_command, slot_limits
-from .errors import WorkerError
+from .errors import WorkerError, WorkerGone
 from .launcher import Prepared
 from .limits import Limits
 from .proxy import CallContext, HostProxy, ProxyHandler
@@ -170,6 +170,11 @@ class _Control:
                 self.exited[header["n"]] = header
                 if len(self.exited) > 2:
                     self.exited.pop(min(self.exited))
+                if header.get("retire"):
+                    # The runtime could not reset itself (/tmp) and is exiting:
+                    # no later invocation may be given to it.
+                    self.fail(f"the runtime retired: {str(header['retire'])[:200]}")
+                    return False
             elif len(self.frames) < 8:
                 self.frames.append(header)
             else:
@@ -368,6 +373,8 @@ class Worker:
         self._run: _ChildRun | None = None  # the child whose output we are taking
         self._desynced = False  # a child died with its request half read: retire
         self._stray_bytes = 0  # output since the last invocation began (see _stray)
+        self._own_bytes = 0  # the runtime's own output since then (see _pump)
+        self._retiring: str | None = None  # why no further invocation may come here
         self._exit_check: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._nsjail_log = bytearray()
@@ -392,6 +399,7 @@ class Worker:
             and self.proc.returncode is None
             and (self._ctl is None or self._ctl.broken is None)
             and not self._desynced
+            and self._retiring is None
         )
 
     async def start(self) -> None:
@@ -601,6 +609,10 @@ class Worker:
             end.timed_out = True
             if run is not None:  # else the previous child never went: the jail is stuck
                 end.done = await self._cancel(self._child)
+        except WorkerGone:
+            self.invocations -= 1
+            await self.aclose(kill=True)
+            raise  # nothing ran: the pool gives the invocation to another worker
         except WorkerError:
             pass  # the runtime died or broke the protocol: decided below
         except asyncio.CancelledError:
@@ -727,12 +739,17 @@ class Worker:
         ctl = self._ctl
         if ctl is None or self._stdin is None:
             raise WorkerError("the worker has no channels")
-        if self._child and self._child not in ctl.exited:
-            while self._child not in ctl.exited:
+        try:
+            while self._child and self._child not in ctl.exited:
                 await ctl.wait()
+        except WorkerError as exc:
+            raise WorkerGone(str(exc)) from None
         self._run = None
         self._drain_outputs()
-        self._stray_bytes = 0
+        if ctl.broken is not None or self._retiring is not None:
+            # It retired, or output between calls went over its cap.
+            raise WorkerGone(ctl.broken or self._retiring or "retired")
+        self._stray_bytes = self._own_bytes = 0
         self._take_acks()
         self._child += 1
         return self._child
@@ -867,6 +884,15 @@ class Worker:
                 chunk = await stream.read(65536)
                 if not chunk:
                     return
+                if self.ready:
+                    # Once loaded the runtime itself prints nothing: a stream
+                    # of it is a thread the module started (see _stray).
+                    self._own_bytes += len(chunk)
+                    if self._own_bytes > STRAY_CAP:
+                        # Stop reading (the writer blocks on a full pipe) and
+                        # retire once the invocation running now, if any, ends.
+                        self._retiring = "the runtime's own output over its cap"
+                        return
                 for line in chunk.decode("utf-8", "replace").splitlines():
                     self._own.add(name, line)
 

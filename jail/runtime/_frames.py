@@ -33,6 +33,20 @@ _ENCODER = _json.make_encoder(
     False,
     True,
 )
+# A handler's JSON body: the same, but NaN and Infinity are a ValueError
+# (json.dumps writes them, and no other JSON parser reads them back).
+_BODY_MARKERS: dict[int, Any] = {}
+_BODY_ENCODER = _json.make_encoder(
+    _BODY_MARKERS,
+    json.JSONEncoder().default,
+    _json.encode_basestring_ascii,
+    None,
+    ": ",
+    ", ",
+    False,
+    False,
+    False,
+)
 _SCAN = _json.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 
@@ -43,10 +57,19 @@ class FrameError(Exception):
 def dumps(value: Any) -> str:
     """``json.dumps(value)`` for a dict or a list, byte for byte; nesting deeper
     than the recursion limit is a ValueError (json.dumps: RecursionError)."""
+    return _run(_ENCODER, _MARKERS, value)
+
+
+def dumps_strict(value: Any) -> str:
+    """``dumps``, except that NaN and Infinity are a ValueError (strict JSON)."""
+    return _run(_BODY_ENCODER, _BODY_MARKERS, value)
+
+
+def _run(encoder: Any, markers: dict[int, Any], value: Any) -> str:
     try:
-        return "".join(_ENCODER(value, 0))
+        return "".join(encoder(value, 0))
     except BaseException as exc:
-        _MARKERS.clear()  # what a failed run left there would mean "circular" next time
+        markers.clear()  # what a failed run left there would mean "circular" next time
         if isinstance(exc, RecursionError):
             raise ValueError("JSON nested too deeply") from None
         raise

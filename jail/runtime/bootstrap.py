@@ -23,6 +23,7 @@ after each invocation removes every process the invocation left behind.
 from __future__ import annotations
 
 import _socket  # recvmsg with SCM_RIGHTS; the `socket` module would cost a cold start ~2 ms
+import _thread
 import os
 import select
 import struct
@@ -120,8 +121,11 @@ def run_child(fn: Handler, max_body: int, n: int) -> None:
         else:
             try:
                 status, headers, payload = nsfaas.to_response(value)
-            except (TypeError, ValueError) as exc:
-                _finish({"kind": "bad_response", "message": str(exc)[:2000]}, b"")
+            except Exception as exc:  # the value's own methods may raise anything
+                message = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, TypeError | ValueError):
+                    message = str(exc)
+                _finish({"kind": "bad_response", "message": message[:2000]}, b"")
             else:
                 _finish({"kind": "ok", "status": status, "headers": headers}, payload)
         code = 0
@@ -268,6 +272,8 @@ class Child:
             for target, fd in zip((0, 1, 2, LOG_FD, RESULT_FD), ends, strict=True):
                 os.dup2(fd, target)
             os.closerange(LOG_FD + 1, MAX_FD)  # the control channel above all
+            if _thread._count():
+                _fresh_stdio()
             run_child(fn, max_body, n)
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
@@ -325,6 +331,24 @@ class Inbox:
                 raise EOFError  # anything else first: the gateway gave up
 
 
+def _fresh_stdio() -> None:
+    """New sys.stdout/sys.stderr for a child of a zygote whose module started
+    threads. Threads do not survive fork, but a lock one of them held does:
+    a child that flushed the inherited stream would wait on it forever."""
+    import io
+
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        old = getattr(sys, name)
+        raw = io.FileIO(fd, "w", closefd=False)
+        new = io.TextIOWrapper(
+            io.BufferedWriter(raw),
+            encoding=old.encoding,
+            errors=old.errors,
+            line_buffering=old.line_buffering,
+        )
+        setattr(sys, name, new)
+
+
 def _kill_stragglers() -> None:
     # Only as pid 1 of a pid namespace does kill(-1) mean "everyone in this
     # jail"; run on a host by mistake it would mean every process there.
@@ -343,24 +367,51 @@ def _kill_stragglers() -> None:
             time.sleep(0.001)
 
 
-def _wipe_tmp(path: str = "/tmp") -> None:
-    """Between warm invocations, leave /tmp as empty as a fresh jail's."""
+def _wipe_tmp(path: str = "/tmp") -> bool:
+    """Between warm invocations, leave /tmp as empty as a fresh jail's. False
+    if something is left (the worker then retires rather than show it to the
+    next invocation).
+
+    Walks by relative names from inside each directory (chdir), so a tree
+    deeper than PATH_MAX is no obstacle, and without recursion, so depth is
+    none either; the walk is bounded by the /tmp inode cap it can meet.
+    """
     if os.getpid() != 1:
-        return  # not a jail's pid 1 (a bare run on a host): the host's /tmp is not ours
+        return True  # not a jail's pid 1 (a bare run on a host): the host's /tmp is not ours
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        entries = list(os.scandir(path))
+        os.chdir(path)
+        names: list[str] = []  # the directories entered, innermost last
+        for _ in range(1 << 16):  # ~ a few steps per inode; never endless
+            descended = False
+            with os.scandir(".") as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            os.chmod(entry.name, 0o700)  # one the function made unsearchable
+                            os.chdir(entry.name)
+                            names.append(entry.name)
+                            descended = True
+                            break
+                        os.unlink(entry.name)
+                    except OSError:
+                        pass
+            if descended:
+                continue
+            if not names:
+                break
+            os.chdir("..")
+            try:
+                os.rmdir(names.pop())
+            except OSError:
+                return False  # it would be entered again and again
+        os.chdir(path)
+        return not os.listdir(".")
     except OSError:
-        return
-    for entry in entries:
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                os.chmod(entry.path, 0o700)
-                _wipe_tmp(entry.path)
-                os.rmdir(entry.path)
-            else:
-                os.unlink(entry.path)
-        except OSError:
-            pass
+        return False
+    finally:
+        os.fchdir(here)
+        os.close(here)
 
 
 def main(argv: list[str]) -> int:
@@ -429,11 +480,15 @@ def main(argv: list[str]) -> int:
                 poller.unregister(child.pidfd)
                 exited = child.reap()
                 exited["n"] = n
+                clean = once or _wipe_tmp()
+                if not clean:
+                    exited["retire"] = "/tmp could not be emptied"
                 # The gateway writes the next request only after this frame.
                 _frames.write_all(ctl, _frames.encode(exited))
                 child = None
+                if not clean:
+                    return 0
                 if not once:
-                    _wipe_tmp()
                     n += 1
                     child = Child(fn, max_body, ends, n)
                     poller.register(child.pidfd, select.POLLIN)

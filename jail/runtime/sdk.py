@@ -421,6 +421,23 @@ class Context:
         return data
 
 
+MAX_HEADERS = 64  # a response's own; the runtime may add its content-type
+
+
+def _header_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"header names must be str, not {type(name).__name__}")
+    return name
+
+
+def _header_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # e.g. {"X-Count": 3}
+    raise TypeError(f"header values must be str or numbers, not {type(value).__name__}")
+
+
 def to_response(value: Any) -> tuple[int, list[list[str]], bytes]:
     """Turn a handler's return value into (status, headers, body).
 
@@ -437,7 +454,9 @@ def to_response(value: Any) -> tuple[int, list[list[str]], bytes]:
         value, status, headers = value.body, value.status, value.headers
     if isinstance(status, bool) or not isinstance(status, int):
         raise TypeError(f"status must be an int, not {type(status).__name__}")
-    hdrs = [[str(k), str(v)] for k, v in headers.items()]
+    if len(headers) > MAX_HEADERS:
+        raise ValueError(f"at most {MAX_HEADERS} headers")
+    hdrs = [[_header_name(k), _header_value(v)] for k, v in headers.items()]
     lower = {k.lower() for k, _ in hdrs}
 
     def ctype(default: str) -> None:
@@ -453,7 +472,7 @@ def to_response(value: Any) -> tuple[int, list[list[str]], bytes]:
         body = bytes(value)
         ctype("application/octet-stream")
     elif isinstance(value, dict | list):
-        body = _frames.dumps(value).encode()
+        body = _frames.dumps_strict(value).encode()
         ctype("application/json")
     else:
         raise TypeError(f"cannot return a {type(value).__name__} from a handler")

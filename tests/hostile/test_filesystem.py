@@ -356,6 +356,44 @@ def handler(request, ctx):
     await fn.assert_recovers()
 
 
+async def test_a_tree_deeper_than_path_max_is_gone_next_time(jail: Jail, mode: str) -> None:
+    """Built with dir_fd, 20 levels of 250-character names (over 5,000
+    characters of path): the wipe between warm invocations used to walk by
+    absolute path, fail with ENAMETOOLONG past 4,096 and leave the tree (and
+    its secret) to the next invocation."""
+    src = """
+import os
+
+def handler(request, ctx):
+    if request.text() == "look":
+        found = []
+        fd = os.open("/tmp", os.O_RDONLY)
+        while True:
+            names = os.listdir(fd)
+            found += names
+            dirs = [n for n in names if n.startswith("d")]
+            if not dirs:
+                break
+            fd = os.open(dirs[0], os.O_RDONLY, dir_fd=fd)
+        return {"found": len(found)}
+    fd = os.open("/tmp", os.O_RDONLY)
+    for i in range(20):
+        name = f"d{i:02d}" + "x" * 247
+        os.mkdir(name, dir_fd=fd)
+        fd = os.open(name, os.O_RDONLY, dir_fd=fd)
+    secret = os.open("secret", os.O_CREAT | os.O_WRONLY, dir_fd=fd)
+    os.write(secret, b"from the previous invocation")
+    return {"built": 20}
+"""
+    fn = jail.function(src, mode)
+    assert body_json(await fn("build")) == {"built": 20}
+    worker = fn.worker
+    assert body_json(await fn("look")) == {"found": 0}
+    if mode == "warm":
+        assert fn.worker is worker and fn.alive, "wiped, so the same worker goes on"
+    await fn.assert_recovers()
+
+
 async def test_markers_in_dev_shm_and_tmp(jail: Jail, mode: str) -> None:
     src = """
 import errno, os
