@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from jail.runtime import _frames
 _I = TypeVar("_I", str, int)
 
 BUSY_TIMEOUT_MS = 5000
+_MAX_CURSOR_ID = 256  # invocation ids are far shorter
 
 # Each migration is a list of statements applied in one transaction; append, never edit.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -271,4 +273,17 @@ def decode_cursor(cursor: str, kind: type[_I]) -> tuple[float, _I]:
         raise ValueError("invalid cursor") from None
     if isinstance(ts, bool) or not isinstance(ts, int | float) or type(ident) is not kind:
         raise ValueError("invalid cursor")
-    return float(ts), ident
+    # Both values are bound into SQL: a cursor must not be able to make the query itself
+    # fail (an int beyond int64 is an OverflowError, a lone surrogate cannot be UTF-8),
+    # and no stored row has an infinite time to page from.
+    try:
+        stamp = float(ts)  # an int past float's range is an OverflowError here
+    except OverflowError:
+        raise ValueError("invalid cursor") from None
+    if not math.isfinite(stamp):
+        raise ValueError("invalid cursor")
+    if isinstance(ident, int) and not 0 <= ident < 2**63:
+        raise ValueError("invalid cursor")
+    if isinstance(ident, str) and (len(ident) > _MAX_CURSOR_ID or not ident.isprintable()):
+        raise ValueError("invalid cursor")
+    return stamp, ident

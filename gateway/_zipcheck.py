@@ -147,6 +147,8 @@ def read_zip(data: bytes, budget: ZipBudget) -> list[tuple[str, bytes]]:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             infos = zf.infolist()
+            if not infos:
+                raise ZipRejected("bad_zip", "the zip archive is empty")
             if len(infos) > budget.max_files:
                 raise _too_many(budget.max_files)
             files = _select_files(infos, len(data), budget)

@@ -12,17 +12,29 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import ApiError
-from .http import parse_json, read_body
+from .http import (
+    parse_json_object,
+    query_bool,
+    query_int,
+    query_number,
+    query_single,
+    read_body,
+    reject_unknown_query,
+)
 from .store import Conflict, FunctionConfig, FunctionInfo, FunctionVersion, NotFound, parse_route
 from .upload import CodeBundle, UploadError, UploadLimits, bundle_from_source, bundle_from_zip
 
 if TYPE_CHECKING:
     from .app import Gateway
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# \Z, not $: "$" also matches before a final newline, which would let "name\n" through
+# (app.py matches NAME_RE with .match()).
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+# [0-9], not \d, which takes any script's digits; _egress_ok checks the port's range.
 HOST_RE = re.compile(
-    r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*(:\d{1,5})?$"
+    r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+    r"(:(?P<port>[0-9]{1,5}))?\Z"
 )
 MAX_ROUTES = 20
 MAX_ENV = 64
@@ -38,6 +50,10 @@ JSON_KEYS = {
     "egress_allow",
     "entrypoint",
 }
+# Options of a raw-body upload, in the query string; the lists may repeat.
+QUERY_KEYS = {"timeout_s", "memory_mb", "public", "entrypoint", "routes", "egress_allow"}
+ROLLBACK_KEYS = {"version"}
+TENANT_KEYS = {"name"}
 
 
 def check_name(name: str) -> str:
@@ -120,15 +136,12 @@ def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
     if not isinstance(public, bool):
         raise ApiError(400, "invalid_public", "public must be true or false")
     egress = opts.get("egress_allow", [])
-    if (
-        not isinstance(egress, list)
-        or len(egress) > 64
-        or not all(isinstance(h, str) and HOST_RE.match(h.lower()) for h in egress)
-    ):
+    if not isinstance(egress, list) or len(egress) > 64 or not all(map(_egress_ok, egress)):
         raise ApiError(
             400,
             "invalid_egress_allow",
-            "egress_allow is a list of host names, optionally with :port or a *. prefix",
+            "egress_allow is a list of ASCII host names, optionally with :port (1-65535) "
+            "or a *. prefix",
         )
     entrypoint = opts.get("entrypoint") or "handler:handler"
     if not isinstance(entrypoint, str):
@@ -144,27 +157,37 @@ def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
     )
 
 
-def _query_opts(request: Request) -> dict[str, Any]:
-    """Options for raw uploads come from the query string."""
+def _egress_ok(entry: object) -> bool:
+    # ASCII before lower(): "\u212a" (the Kelvin sign) lower-cases to an ASCII "k".
+    if not isinstance(entry, str) or not entry.isascii():
+        return False
+    match = HOST_RE.match(entry.lower())
+    return match is not None and (match["port"] is None or 1 <= int(match["port"]) <= 65535)
+
+
+def _query_opts(gw: Gateway, request: Request) -> dict[str, Any]:
+    """Options for raw uploads come from the query string, with the codes, ranges and
+    messages of the same options in a JSON body (`_config` then checks them again)."""
+    s = gw.settings
     q = request.query_params
+    hint = "; env is only accepted in a JSON body" if "env" in q else ""
+    reject_unknown_query(q, QUERY_KEYS, hint=hint)
     opts: dict[str, Any] = {}
-    try:
-        if "timeout_s" in q:
-            opts["timeout_s"] = float(q["timeout_s"])
-        if "memory_mb" in q:
-            opts["memory_mb"] = int(q["memory_mb"])
-    except ValueError:
-        raise ApiError(
-            400, "invalid_parameter", "timeout_s and memory_mb must be numbers"
-        ) from None
-    if "public" in q:
-        opts["public"] = q["public"].lower() in ("1", "true", "yes")
-    if "routes" in q:
-        opts["routes"] = q.getlist("routes")
-    if "entrypoint" in q:
-        opts["entrypoint"] = q["entrypoint"]
-    if "egress_allow" in q:
-        opts["egress_allow"] = q.getlist("egress_allow")
+    timeout = query_number(q, "timeout_s", low=0, high=s.max_timeout_s, code="invalid_timeout")
+    if timeout is not None:
+        opts["timeout_s"] = timeout
+    memory = query_int(q, "memory_mb", low=32, high=s.max_memory_mb, code="invalid_memory")
+    if memory is not None:
+        opts["memory_mb"] = memory
+    public = query_bool(q, "public", code="invalid_public")
+    if public is not None:
+        opts["public"] = public
+    entrypoint = query_single(q, "entrypoint", "bad_entrypoint")
+    if entrypoint is not None:
+        opts["entrypoint"] = entrypoint
+    for listed in ("routes", "egress_allow"):
+        if listed in q:
+            opts[listed] = q.getlist(listed)
     return opts
 
 
@@ -179,16 +202,11 @@ async def put_function(gw: Gateway, request: Request) -> Response:
     source: bytes | None = None
     archive: bytes | None = None
     if ctype in ("text/x-python", "text/plain", "text/x-script.python"):
-        opts, source = _query_opts(request), body
+        opts, source = _query_opts(gw, request), body
     elif ctype in ("application/zip", "application/x-zip-compressed"):
-        opts, archive = _query_opts(request), body
+        opts, archive = _query_opts(gw, request), body
     elif ctype in ("application/json", ""):
-        data = parse_json(body)
-        if not isinstance(data, dict):
-            raise ApiError(400, "invalid_json", "body must be a JSON object")
-        unknown = set(data) - JSON_KEYS
-        if unknown:
-            raise ApiError(400, "unknown_field", f"unknown fields: {', '.join(sorted(unknown))}")
+        data = parse_json_object(body, JSON_KEYS)
         opts = data
         if ("source" in data) == ("archive" in data):
             raise ApiError(400, "missing_code", "give exactly one of 'source' or 'archive'")
@@ -312,14 +330,15 @@ async def list_versions(gw: Gateway, request: Request) -> Response:
 async def rollback(gw: Gateway, request: Request) -> Response:
     tenant, name = await _own(gw, request)
     data = (
-        parse_json(await read_body(request, 4096))
+        parse_json_object(await read_body(request, 4096), ROLLBACK_KEYS)
         if request.headers.get("content-length") not in (None, "0")
         else {}
     )
-    version = data.get("version") if isinstance(data, dict) else None
+    version = data.get("version")
     if version is None:
-        raw = request.query_params.get("version")
-        version = int(raw) if raw and raw.isascii() and raw.isdigit() and len(raw) < 12 else None
+        version = query_int(
+            request.query_params, "version", low=1, high=2**31 - 1, code="invalid_version"
+        )
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 2**31 - 1:
         raise ApiError(400, "invalid_version", 'give the version to roll back to: {"version": N}')
     try:
@@ -341,8 +360,8 @@ async def create_tenant(gw: Gateway, request: Request) -> Response:
     who = await gw.auth(request)
     if not who.admin:
         raise ApiError(403, "forbidden", "only the admin key can create tenants")
-    data = parse_json(await read_body(request, 4096))
-    name = data.get("name") if isinstance(data, dict) else None
+    data = parse_json_object(await read_body(request, 4096), TENANT_KEYS)
+    name = data.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ApiError(400, "invalid_name", "tenant name must match ^[a-z][a-z0-9-]{0,62}$")
     try:

@@ -11,35 +11,41 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from jail import OUTCOMES
+
 from .api_functions import check_name
 from .errors import ApiError
+from .http import parse_number, query_bool, query_choice, query_int, query_single
 from .store import LOG_LEVELS, InvocationRecord, LogLine, NotFound
 
 if TYPE_CHECKING:
     from .app import Gateway
     from .http import Binder
 
-RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+RELATIVE = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,12})?)([smhd])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_LIMIT = 1000
+# A record's outcome: one of the jail's, or "running" until it ends.
+RECORD_OUTCOMES = ("running", *OUTCOMES)
 FOLLOW_POLL_S = 15.0  # keep-alive comment interval; also the re-check interval
 
 
-def parse_time(name: str, raw: str | None) -> float | None:
+def parse_time(params: QueryParams, name: str) -> float | None:
     """RFC 3339 (``2026-11-28T12:00:00Z``), unix seconds, or relative (``10m`` ago)."""
+    raw = query_single(params, name, "invalid_time")
     if raw is None or raw == "":
         return None
-    m = RELATIVE.match(raw)
+    m = RELATIVE.fullmatch(raw)
     if m:
         return time.time() - float(m.group(1)) * UNITS[m.group(2)]
-    try:
-        return float(raw)
-    except ValueError:
-        pass
+    seconds = parse_number(raw)  # finite and ASCII: "nan" or "1e400" is no time
+    if seconds is not None:
+        return seconds
     try:
         dt = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -51,12 +57,9 @@ def parse_time(name: str, raw: str | None) -> float | None:
     return dt.timestamp()
 
 
-def parse_limit(raw: str | None, default: int = 100) -> int:
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ApiError(400, "invalid_limit", f"limit must be an integer in [1, {MAX_LIMIT}]")
-    return int(raw)
+def parse_limit(params: QueryParams, default: int = 100) -> int:
+    limit = query_int(params, "limit", low=1, high=MAX_LIMIT, code="invalid_limit")
+    return default if limit is None else limit
 
 
 def record_json(rec: InvocationRecord) -> dict[str, Any]:
@@ -84,16 +87,20 @@ def _bad_cursor() -> ApiError:
 async def list_invocations(gw: Gateway, request: Request) -> Response:
     who = await gw.auth(request)
     q = request.query_params
-    outcome = q.get("outcome")
+    # Everything is checked before the query, so a store ValueError can only be the cursor.
+    outcome = query_choice(q, "outcome", RECORD_OUTCOMES, code="invalid_outcome")
+    since, until = parse_time(q, "since"), parse_time(q, "until")
+    limit = parse_limit(q)
+    cursor = query_single(q, "cursor", "invalid_cursor")
     try:
         records, cursor = await gw.store.list_invocations(
             tenant_id=who.scope(),
             function=q.get("function"),
             outcome=outcome,
-            since=parse_time("since", q.get("since")),
-            until=parse_time("until", q.get("until")),
-            limit=parse_limit(q.get("limit")),
-            cursor=q.get("cursor"),
+            since=since,
+            until=until,
+            limit=limit,
+            cursor=cursor,
         )
     except ValueError:
         raise _bad_cursor() from None
@@ -109,6 +116,9 @@ async def get_invocation(gw: Gateway, request: Request) -> Response:
         rec = None
     if rec is None or (not who.admin and rec.tenant_id != who.tenant_id):
         raise ApiError(404, "invocation_not_found", f"no invocation {inv_id[:64]!r}")
+    # The last lines, shown oldest first: the end of a log is what explains its outcome (a
+    # traceback, the "[nsfaas] log output truncated" line). A longer log's earlier lines
+    # page on from /functions/{name}/logs?invocation=ID.
     lines, _ = await gw.store.query_logs(
         tenant_id=rec.tenant_id, invocation_id=rec.id, limit=MAX_LIMIT
     )
@@ -127,27 +137,28 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
     except NotFound:
         raise ApiError(404, "function_not_found", f"no function named {name!r}") from None
     q = request.query_params
-    level = q.get("level")
-    if level is not None and level not in LOG_LEVELS:
-        raise ApiError(400, "invalid_level", f"level is one of {', '.join(LOG_LEVELS)}")
+    level = query_choice(q, "level", tuple(LOG_LEVELS), code="invalid_level")
     text = q.get("q") or None
-    if q.get("follow") in ("1", "true"):
+    if query_bool(q, "follow", code="invalid_follow"):
         return StreamingResponse(
             _follow(gw, request, tenant, name, level, text),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+    since, until = parse_time(q, "since"), parse_time(q, "until")
+    limit = parse_limit(q)
+    cursor = query_single(q, "cursor", "invalid_cursor")
     try:
         lines, cursor = await gw.store.query_logs(
             tenant_id=tenant,
             function=name,
             invocation_id=q.get("invocation"),
-            since=parse_time("since", q.get("since")),
-            until=parse_time("until", q.get("until")),
+            since=since,
+            until=until,
             level_min=level,
             q=text,
-            limit=parse_limit(q.get("limit")),
-            cursor=q.get("cursor"),
+            limit=limit,
+            cursor=cursor,
         )
     except ValueError:
         raise _bad_cursor() from None

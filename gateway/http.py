@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+import math
+import re
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -127,8 +130,143 @@ async def read_body(request: Request, cap: int, budget: ByteBudget | None = None
     return b"".join(chunks)
 
 
+# Lone UTF-16 surrogates: json.loads turns a "\ud800" escape into one, but no UTF-8 text
+# (a response, SQLite, a jail's environment) can hold it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# Query-string numbers are ASCII only: int() and float() also read other scripts' digits
+# ("\u0668\u0660" is 80), "1_000", "inf" and "nan", none of which a client means.
+_ASCII_INT = re.compile(r"[0-9]{1,18}")  # 18 digits: always within SQLite's int64
+_ASCII_NUMBER = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?")
+_TRUE = frozenset({"1", "true", "yes", "on"})  # as in the NSFAAS_* settings
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def parse_json(body: bytes) -> Any:
+    """Decode a JSON request body; 400 ``invalid_json`` for anything that is not plain JSON.
+
+    Besides syntax errors that covers what ``json.loads`` accepts but JSON does not allow
+    (``NaN``, ``Infinity``) and strings that cannot be UTF-8 (lone surrogates), anywhere in
+    the document, keys included: every endpoint gets text that it can store and echo back.
+    """
     try:
-        return _frames.loads(body)  # json.loads, with too-deep nesting a ValueError too
+        value = _frames.loads(body)  # json.loads, with too-deep nesting a ValueError too
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    problem = _unencodable(value)
+    if problem is not None:
+        raise ApiError(400, "invalid_json", f"request body holds {problem}")
+    return value
+
+
+def _unencodable(value: Any) -> str | None:
+    # Iterative: _frames.loads bounds the depth, but a walk need not spend the stack on it.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            # isascii() is O(1) in CPython: a large base64 archive skips the scan.
+            if not item.isascii() and _SURROGATE.search(item):
+                return "a lone UTF-16 surrogate (\\ud800-\\udfff), which UTF-8 cannot encode"
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "NaN or Infinity, which JSON does not allow"
+    return None
+
+
+def parse_json_object(body: bytes, fields: Collection[str]) -> dict[str, Any]:
+    """A JSON object body with no fields outside ``fields`` (400 ``unknown_field``)."""
+    data = parse_json(body)
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown fields: {_names(unknown)}")
+    return data
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    # Names come from the caller: bound what an error message repeats of them.
+    shown = ", ".join(repr(n[:40]) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+# --- query parameters ----------------------------------------------------------------
+#
+# One helper per kind of value, so every endpoint answers the same code and message shape
+# for the same mistake; each returns None when the parameter is absent.
+
+
+def query_single(params: QueryParams, name: str, code: str) -> str | None:
+    """The one value of ``name``; given twice it is ambiguous (400 ``code``)."""
+    values = params.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, code, f"{name} is given {len(values)} times; give it once")
+    return values[0]
+
+
+def query_int(params: QueryParams, name: str, *, low: int, high: int, code: str) -> int | None:
+    """An integer in [low, high], written in ASCII digits."""
+    raw = query_single(params, name, code)
+    if raw is None:
+        return None
+    if not _ASCII_INT.fullmatch(raw) or not low <= int(raw) <= high:
+        raise ApiError(400, code, f"{name} must be an integer in [{low}, {high}]")
+    return int(raw)
+
+
+def parse_number(raw: str) -> float | None:
+    """A finite decimal number in ASCII (``12``, ``-1.5``, ``1e9``), else None."""
+    if not _ASCII_NUMBER.fullmatch(raw):
+        return None
+    value = float(raw)
+    return value if math.isfinite(value) else None
+
+
+def query_number(
+    params: QueryParams, name: str, *, low: float, high: float, code: str
+) -> float | None:
+    """A finite number in (low, high]."""
+    raw = query_single(params, name, code)
+    if raw is None:
+        return None
+    value = parse_number(raw)
+    if value is None or not low < value <= high:
+        raise ApiError(400, code, f"{name} must be a number in ({low:g}, {high:g}]")
+    return value
+
+
+def query_bool(params: QueryParams, name: str, *, code: str) -> bool | None:
+    """``1/true/yes/on`` or ``0/false/no/off``; anything else is 400, not false."""
+    raw = query_single(params, name, code)
+    if raw is None:
+        return None
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ApiError(400, code, f"{name} must be true or false (or 1/0, yes/no, on/off)")
+
+
+def query_choice(
+    params: QueryParams, name: str, choices: Collection[str], *, code: str
+) -> str | None:
+    """One of ``choices``: a filter on a value that cannot occur is a typo, not a miss."""
+    raw = query_single(params, name, code)
+    if raw is None:
+        return None
+    if raw not in choices:
+        raise ApiError(400, code, f"{name} is one of {', '.join(choices)}")
+    return raw
+
+
+def reject_unknown_query(params: QueryParams, known: Collection[str], *, hint: str = "") -> None:
+    """400 ``unknown_field`` for parameters the endpoint does not read."""
+    unknown = sorted(set(params.keys()) - set(known))
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown query parameters: {_names(unknown)}{hint}")
