@@ -196,7 +196,7 @@ async def put_function(gw: Gateway, request: Request) -> Response:
     name = check_name(request.path_params["name"])
     s = gw.settings
     # base64 grows the archive by 4/3: allow for it on JSON bodies.
-    body = await read_body(request, s.max_upload_bytes * 4 // 3 + 65536)
+    body = await read_body(request, s.max_upload_bytes * 4 // 3 + 65536, timeout_s=s.body_timeout_s)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limits = UploadLimits(max_archive_bytes=s.max_upload_bytes)
     source: bytes | None = None
@@ -330,7 +330,9 @@ async def list_versions(gw: Gateway, request: Request) -> Response:
 async def rollback(gw: Gateway, request: Request) -> Response:
     tenant, name = await _own(gw, request)
     data = (
-        parse_json_object(await read_body(request, 4096), ROLLBACK_KEYS)
+        parse_json_object(
+            await read_body(request, 4096, timeout_s=gw.settings.body_timeout_s), ROLLBACK_KEYS
+        )
         if request.headers.get("content-length") not in (None, "0")
         else {}
     )
@@ -360,7 +362,9 @@ async def create_tenant(gw: Gateway, request: Request) -> Response:
     who = await gw.auth(request)
     if not who.admin:
         raise ApiError(403, "forbidden", "only the admin key can create tenants")
-    data = parse_json_object(await read_body(request, 4096), TENANT_KEYS)
+    data = parse_json_object(
+        await read_body(request, 4096, timeout_s=gw.settings.body_timeout_s), TENANT_KEYS
+    )
     name = data.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ApiError(400, "invalid_name", "tenant name must match ^[a-z][a-z0-9-]{0,62}$")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -12,7 +12,7 @@ from starlette.routing import Route
 from jail.proxy import ProxyCallError
 
 from .errors import ApiError
-from .http import read_body
+from .http import query_int, read_body
 from .proxy_api import MAX_VALUE_BYTES, check_key, decode_value, encode_value
 from .store import NotFound, QuotaExceeded
 
@@ -55,10 +55,18 @@ def _key(request: Request) -> str:
 async def list_keys(gw: Gateway, request: Request) -> Response:
     tenant = await _tenant(gw, request)
     q = request.query_params
-    raw = q.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise ApiError(400, "invalid_limit", "limit must be an integer in [1, 1000]")
-    keys = await gw.store.kv_list(tenant, q.get("prefix", ""), int(raw), q.get("after"))
+    limit = query_int(q, "limit", low=1, high=1000, code="invalid_limit")
+    prefix, after = q.get("prefix", ""), q.get("after")
+    if "\ufffd" in prefix + (after or ""):
+        # Starlette decodes the query with errors="replace": %FF would list as
+        # if it were U+FFFD. Only the raw query tells them apart (see _key).
+        try:
+            parse_qsl(request.scope["query_string"].decode("latin-1"), errors="strict")
+        except UnicodeDecodeError:
+            raise ApiError(
+                400, "invalid_key", "prefix and after must be UTF-8 once percent-decoded"
+            ) from None
+    keys = await gw.store.kv_list(tenant, prefix, limit or 100, after)
     used, count = await gw.store.kv_usage(tenant)
     return JSONResponse({"keys": keys, "usage": {"bytes": used, "keys": count}})
 
@@ -78,7 +86,7 @@ async def get_key(gw: Gateway, request: Request) -> Response:
 async def put_key(gw: Gateway, request: Request) -> Response:
     tenant = await _tenant(gw, request)
     key = _key(request)
-    body = await read_body(request, MAX_VALUE_BYTES)
+    body = await read_body(request, MAX_VALUE_BYTES, timeout_s=gw.settings.body_timeout_s)
     is_json = request.headers.get("content-type", "").startswith("application/json")
     try:
         value = encode_value(body, is_json=is_json)

@@ -289,7 +289,9 @@ def create_app(settings: Settings) -> Starlette:
             )
         try:
             await _authorize(request, fv)
-            body = await read_body(request, settings.max_request_bytes, gw.bodies)
+            body = await read_body(
+                request, settings.max_request_bytes, gw.bodies, settings.body_timeout_s
+            )
         except ApiError as exc:
             return error_response(
                 exc.status,

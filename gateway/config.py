@@ -34,6 +34,7 @@ class Settings:
     cpu_ms_per_sec: int = 500  # CPU quota per invocation: 500 = half a core
     max_request_bytes: int = 6 * 1024 * 1024
     max_buffered_bytes: int = 256 * 1024 * 1024  # all invocation bodies held at once
+    body_timeout_s: float = 30.0  # a request body must arrive whole within this: else 408
     max_response_bytes: int = 6 * 1024 * 1024
     max_log_bytes: int = 1024 * 1024
     max_log_lines: int = 5000

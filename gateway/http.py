@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 import re
@@ -94,40 +95,61 @@ class ByteBudget:
         self.used = max(0, self.used - n)
 
 
-async def read_body(request: Request, cap: int, budget: ByteBudget | None = None) -> bytes:
-    """Read the body while it streams in; past ``cap`` bytes answer 413.
+BODY_TIMEOUT_S = 30.0
+
+
+async def read_body(
+    request: Request,
+    cap: int,
+    budget: ByteBudget | None = None,
+    timeout_s: float = BODY_TIMEOUT_S,
+) -> bytes:
+    """Read the body while it streams in; past ``cap`` bytes answer 413, past
+    ``timeout_s`` 408.
 
     A lying or absent Content-Length changes nothing: the count is of bytes
-    actually received, and we stop reading at the cap.
+    actually received, and we stop reading at the cap. A client that stops
+    sending (Content-Length: 100 and 3 bytes) would otherwise hold its share
+    of the body budget, and a connection, for as long as it likes.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise ApiError(413, "payload_too_large", f"request body exceeds {cap} bytes")
-    chunks: list[bytes] = []
-    size = 0
+    chunks: list[bytes] = []  # every byte in them is reserved in the budget
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                raise ApiError(413, "payload_too_large", f"request body exceeds {cap} bytes")
-            if budget is not None and not budget.reserve(len(chunk)):
-                size -= len(chunk)
-                raise ApiError(
-                    429,
-                    "rejected",
-                    "the gateway is buffering too many request bodies",
-                    headers={"Retry-After": "1"},
-                )
-            chunks.append(chunk)
-    except ClientDisconnect:
+        async with asyncio.timeout(timeout_s):
+            await _receive(request, cap, budget, chunks)
+    except TimeoutError:
         if budget is not None:
-            budget.release(size)
-        raise ApiError(400, "client_disconnected", "the client went away mid-body") from None
-    except ApiError:
+            budget.release(sum(map(len, chunks)))
+        raise ApiError(
+            408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s"
+        ) from None
+    except (ApiError, ClientDisconnect) as exc:
         if budget is not None:
-            budget.release(size)
+            budget.release(sum(map(len, chunks)))
+        if isinstance(exc, ClientDisconnect):
+            raise ApiError(400, "client_disconnected", "the client went away mid-body") from None
         raise
     return b"".join(chunks)
+
+
+async def _receive(
+    request: Request, cap: int, budget: ByteBudget | None, chunks: list[bytes]
+) -> None:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise ApiError(413, "payload_too_large", f"request body exceeds {cap} bytes")
+        if budget is not None and not budget.reserve(len(chunk)):
+            raise ApiError(
+                429,
+                "rejected",
+                "the gateway is buffering too many request bodies",
+                headers={"Retry-After": "1"},
+            )
+        chunks.append(chunk)
 
 
 # Lone UTF-16 surrogates: json.loads turns a "\ud800" escape into one, but no UTF-8 text

@@ -166,7 +166,7 @@ DOCUMENT: dict[str, Any] = {
                     "required": True,
                     "content": {"application/json": {"schema": _obj({"name": STR})}},
                 },
-                "responses": _resp("NewTenant", "201", ("400", "401", "403", "409", "413")),
+                "responses": _resp("NewTenant", "201", ("400", "401", "403", "408", "409", "413")),
             },
             "get": {
                 "summary": "List tenants (admin)",
@@ -192,7 +192,7 @@ DOCUMENT: dict[str, Any] = {
                     },
                 },
                 "responses": {
-                    **_resp("Version", "201", ("400", "401", "409", "413", "415")),
+                    **_resp("Version", "201", ("400", "401", "408", "409", "413", "415")),
                     "200": {"description": "new version", **_ref("Version")},
                 },
             },
@@ -219,7 +219,7 @@ DOCUMENT: dict[str, Any] = {
                     "required": True,
                     "content": {"application/json": {"schema": _obj({"version": INT})}},
                 },
-                "responses": _resp("Version", errors=("400", "401", "404", "409", "413")),
+                "responses": _resp("Version", errors=("400", "401", "404", "408", "409", "413")),
             },
         },
         "/api/v1/functions/{name}/logs": {

@@ -67,3 +67,42 @@ async def test_function_responses_keep_http_framing(
         assert r.json()["error"]["code"] == "bad_response"
     # the connection and the gateway are still fine
     assert (await live.get("/healthz")).status_code == 200
+
+
+async def test_a_body_that_stops_arriving_is_a_408_and_frees_its_budget(tmp_path: Path) -> None:
+    """Content-Length: 100 and 3 bytes, then silence: the request used to wait
+    for ever, holding a connection and its share of the gateway's body budget."""
+    port = _free_port()
+    settings = Settings(
+        data_dir=tmp_path / "d", admin_key=ADMIN, body_timeout_s=1.0, max_buffered_bytes=1000
+    )
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                                     headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+            src = "def handler(r, c):\n    return r.text()\n"
+            r = await c.put("/api/v1/functions/echo", json={"source": src, "public": True})
+            assert r.status_code == 201, r.text
+            for method, path in (
+                ("POST", "/fn/echo"), ("PUT", "/api/v1/kv/k"), ("POST", "/api/v1/tenants")
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 900\r\n\r\n[1,".encode()
+                )
+                await writer.drain()
+                head = await asyncio.wait_for(reader.read(65536), 10)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 408"), (path, head[:300])
+                assert b'"body_timeout"' in head, head
+            # 900 of the 1,000 budget bytes would still be held: this needs them.
+            r = await c.post("/fn/echo", content=b"y" * 900)
+            assert (r.status_code, r.text) == (200, "y" * 900)
+    finally:
+        server.should_exit = True
+        await task

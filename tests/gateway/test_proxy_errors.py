@@ -243,3 +243,19 @@ async def test_kv_keys_that_are_not_utf8_are_invalid_key(api: Api, method: str) 
     assert r.status_code == 204, r.text
     r = await api.client.get("/api/v1/kv", headers=api.auth(a))
     assert r.json()["keys"] == ["\ufffd"]
+
+
+async def test_kv_listing_checks_its_query(api: Api) -> None:
+    a = await api.tenant("alice")
+    await api.client.put("/api/v1/kv/%EF%BF%BDx", content=b"1", headers=api.auth(a))
+    for query, code in (
+        ("limit=%C2%B2", "invalid_limit"),  # a superscript two: isdigit() but not int()
+        ("limit=%D9%A8", "invalid_limit"),  # an Arabic eight: int() reads 8
+        ("limit=0", "invalid_limit"),
+        ("prefix=%FF", "invalid_key"),
+        ("after=%ED%A0%80", "invalid_key"),
+    ):
+        r = await api.client.get(f"/api/v1/kv?{query}", headers=api.auth(a))
+        assert r.status_code == 400 and r.json()["error"]["code"] == code, (query, r.text)
+    r = await api.client.get("/api/v1/kv?prefix=%EF%BF%BD&limit=5", headers=api.auth(a))
+    assert r.status_code == 200 and r.json()["keys"] == ["\ufffdx"], r.text
