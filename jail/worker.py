@@ -375,6 +375,7 @@ class Worker:
         self._stray_bytes = 0  # output since the last invocation began (see _stray)
         self._own_bytes = 0  # the runtime's own output since then (see _pump)
         self._retiring: str | None = None  # why no further invocation may come here
+        self._closer: asyncio.Task[None] | None = None
         self._exit_check: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._nsjail_log = bytearray()
@@ -889,12 +890,19 @@ class Worker:
                     # of it is a thread the module started (see _stray).
                     self._own_bytes += len(chunk)
                     if self._own_bytes > STRAY_CAP:
-                        # Stop reading (the writer blocks on a full pipe) and
-                        # retire once the invocation running now, if any, ends.
-                        self._retiring = "the runtime's own output over its cap"
-                        return
+                        self._retire("the runtime's own output over its cap")
+                        continue  # dropped unread until the jail is gone
                 for line in chunk.decode("utf-8", "replace").splitlines():
                     self._own.add(name, line)
+
+    def _retire(self, reason: str) -> None:
+        """No invocation comes here again; the jail is closed now if idle, else
+        by the pool once the invocation running on it ends."""
+        if self._retiring is not None:
+            return
+        self._retiring = reason
+        if self._run is None and not self._closed:
+            self._closer = asyncio.create_task(self.aclose(kill=True))
 
     async def _pump_fd(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
