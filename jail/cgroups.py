@@ -175,7 +175,9 @@ class SlotPool:
         if self.groups.version == 2:
             d = self.groups.root / name
             _write(d / "memory.max", lim.memory_bytes)
-            _write(d / "memory.swap.max", 0)
+            swap = d / "memory.swap.max"
+            if swap.exists():  # absent on kernels without swap (nothing to cap)
+                _write(swap, 0)
             _write(d / "pids.max", lim.pids)
             _write(d / "cpu.max", f"{quota} 100000")
             _write(d / "cpu.weight", cpu_weight(lim.cpu_ms_per_sec, version=2))
