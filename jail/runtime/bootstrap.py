@@ -378,6 +378,11 @@ def _wipe_tmp(path: str = "/tmp") -> bool:
     """
     if os.getpid() != 1:
         return True  # not a jail's pid 1 (a bare run on a host): the host's /tmp is not ours
+    try:
+        if not os.listdir(path):
+            return True  # the usual case: one syscall
+    except OSError:
+        return False
     here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.chdir(path)
