@@ -21,32 +21,26 @@ MAX_HEADER = 1 << 20  # 1 MiB of JSON is far more than any control message needs
 # copy-on-write page fault (~3 us here). One C encoder and one C scanner, made
 # at import in the zygote, do the same work and touch far less. Both give
 # exactly what json.dumps(obj) and json.loads(text) give.
+def _encoder(markers: dict[int, Any], allow_nan: bool) -> Any:
+    return _json.make_encoder(
+        markers,
+        json.JSONEncoder().default,
+        _json.encode_basestring_ascii,
+        None,
+        ": ",
+        ", ",
+        False,
+        False,
+        allow_nan,
+    )
+
+
 _MARKERS: dict[int, Any] = {}
-_ENCODER = _json.make_encoder(
-    _MARKERS,
-    json.JSONEncoder().default,
-    _json.encode_basestring_ascii,
-    None,
-    ": ",
-    ", ",
-    False,
-    False,
-    True,
-)
+_ENCODER = _encoder(_MARKERS, True)
 # A handler's JSON body: the same, but NaN and Infinity are a ValueError
 # (json.dumps writes them, and no other JSON parser reads them back).
 _BODY_MARKERS: dict[int, Any] = {}
-_BODY_ENCODER = _json.make_encoder(
-    _BODY_MARKERS,
-    json.JSONEncoder().default,
-    _json.encode_basestring_ascii,
-    None,
-    ": ",
-    ", ",
-    False,
-    False,
-    False,
-)
+_BODY_ENCODER = _encoder(_BODY_MARKERS, False)
 _SCAN = _json.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -67,3 +69,40 @@ async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
         ) as client:
             yield Api(client, settings, app)
     shutil.rmtree(choose_jail_dir(settings.data_dir), ignore_errors=True)
+
+
+class _Upstream(BaseHTTPRequestHandler):
+    """A plain HTTP server on loopback for ctx.http.fetch tests."""
+
+    def do_GET(self) -> None:
+        if self.path == "/redirect":  # to the same server under another address
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path == "/bad-redirect":
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.1:notaport/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b"hello from upstream"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream() -> Iterator[int]:
+    """The port of a local HTTP server (see _Upstream)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()

@@ -5,11 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import pytest
 
 from .conftest import Api
 
@@ -117,33 +112,6 @@ async def test_deeply_nested_json_through_the_proxy_is_invalid(api: Api) -> None
     await api.deploy("deepkv", src, public=True)
     r = await api.client.get("/fn/deepkv")
     assert r.status_code == 200 and r.json() == {"kv": "invalid_value", "get": "absent"}, r.text
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/x")
-            self.end_headers()
-            return
-        body = b"hello from upstream"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def upstream() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
 
 
 async def test_egress_allow_list_and_redirects(api: Api, upstream: int) -> None:

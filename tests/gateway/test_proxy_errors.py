@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -84,34 +81,6 @@ async def test_malformed_log_and_kv_calls_are_bad_request_on_the_same_connection
     }
     r = await api.client.post("/fn/probe", json={})
     assert r.json() == {"same connection": True}
-
-
-class _Upstream(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path == "/bad-redirect":
-            self.send_response(302)
-            self.send_header("Location", "http://127.0.0.1:notaport/")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = b"upstream"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def upstream() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
 
 
 async def test_unparseable_urls_are_egress_denied_on_the_same_connection(
