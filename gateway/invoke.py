@@ -111,7 +111,11 @@ class Invoker:
         key = f"{record.tenant_id}/{record.function}"
         if result.outcome in ("rejected", "jail_failure"):
             return  # says nothing about the function's own behaviour
-        if result.outcome in ("timeout", "oom", "output_limit", "killed"):
+        # Limits only: a function that kills itself (a bug, SIGSEGV, its own
+        # SIGTERM) or is cancelled (its caller went away) used nothing up.
+        if result.outcome in ("timeout", "oom", "output_limit") or (
+            result.outcome == "killed" and result.limit_name is not None
+        ):
             count, last = self._strikes.get(key, (0, 0.0))
             if time.monotonic() - last >= self.settings.penalty_s:
                 count = 0  # the earlier run of limits is old news
@@ -235,7 +239,7 @@ class Invoker:
         assert self.runner is not None
         key = f"{fv.tenant_id}/{fv.name}"
         self.metrics.queued.set(self.scheduler.queued)
-        async with self.scheduler.slot(key):
+        async with self.scheduler.slot(key, nested=call.depth > 0):
             self.metrics.in_flight.inc()
             try:
                 code = await self.code_dir(fv.digest)

@@ -1,9 +1,21 @@
 """Admission control: a global and a per-function concurrency cap, one bounded queue.
 
-Past ``max_concurrency`` running invocations, callers wait in a FIFO queue
-of at most ``queue_size`` for at most ``queue_timeout_s``; a full queue or an
-expired wait is the ``rejected`` outcome (HTTP 429). Waiters hold no request
-body beyond the already capped one, so the gateway's memory stays bounded.
+Past ``max_concurrency`` running invocations, or past ``function_concurrency``
+of one function, callers wait in a FIFO queue of at most ``queue_size`` for at
+most ``queue_timeout_s``; a full queue or an expired wait is the ``rejected``
+outcome (HTTP 429). Waiters hold no request body beyond the already capped one,
+so the gateway's memory stays bounded.
+
+A call that can run runs at once, whoever waits: waiters are granted the
+moment a slot they can use frees up, so those left in the queue are all blocked
+by a cap that also blocks the newcomer (the global one), or by their own
+function's cap, which is no reason to hold back a call of another function.
+
+A nested call (``ctx.invoke``) never waits: its caller holds a slot, and a
+callee queued behind its own callers (a function that calls itself at its
+cap, or chains filling the global cap) would wait until they time out. It
+runs if both caps allow, or is rejected at once (the caller sees
+``invoke_failed``).
 """
 
 from __future__ import annotations
@@ -57,9 +69,13 @@ class Scheduler:
         )
 
     @contextlib.asynccontextmanager
-    async def slot(self, key: str) -> AsyncIterator[None]:
+    async def slot(self, key: str, *, nested: bool = False) -> AsyncIterator[None]:
         """Hold a running slot for function ``key`` (or raise Rejected)."""
-        if not (self._can_run(key) and not self._waiters):
+        if nested:
+            if not self._can_run(key):
+                raise Rejected("no free slot for a nested call (nested calls do not wait)")
+            self._grant(key)
+        elif not self._can_run(key):
             if len(self._waiters) >= self.queue_size:
                 raise Rejected("the invocation queue is full")
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -116,7 +116,7 @@ def run_child(fn: Handler, max_body: int, n: int) -> None:
                 value = asyncio.run(_await(value))
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are errors too
             _print_exc()
-            frame = {"kind": "error", "error_type": type(exc).__name__, "message": str(exc)[:2000]}
+            frame = {"kind": "error", "error_type": type(exc).__name__, "message": _text(exc)}
             _finish(frame, b"")
         else:
             try:
@@ -216,10 +216,28 @@ def _usage() -> dict[str, float]:
     }
 
 
+# A traceback is printed whole up to this size, then cut in the middle: an
+# exception with a 5 MB message must be an `error`, not an `output_limit`.
+TRACEBACK_CAP = 32 * 1024
+
+
 def _print_exc() -> None:
     import traceback  # only on the error path
 
-    traceback.print_exc()
+    text = traceback.format_exc()
+    if len(text) > TRACEBACK_CAP:
+        cut = len(text) - TRACEBACK_CAP
+        half = TRACEBACK_CAP // 2
+        text = f"{text[:half]}\n[... {cut} characters cut ...]\n{text[-half:]}"
+    sys.stderr.write(text)
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, capped; an exception whose __str__ fails is still reported."""
+    try:
+        return str(exc)[:2000]
+    except BaseException:
+        return f"<{type(exc).__name__}: str() failed>"
 
 
 def _finish(frame: dict[str, Any], body: bytes) -> None:

@@ -77,3 +77,35 @@ async def test_repeated_limits_throttle_the_function_until_it_behaves(
             assert not any(line["fields"].get("throttled") for line in rec["logs"])
             assert (await c.get("/healthz")).status_code == 200
     shutil.rmtree(choose_jail_dir(settings.data_dir), ignore_errors=True)
+
+
+CRASH = """
+import os, signal
+
+def handler(request, ctx):
+    if request.text() == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)  # its own bug: no limit was hit
+    return "calm"
+"""
+
+
+async def test_a_function_that_kills_itself_is_not_throttled(api: Api) -> None:
+    """Only limits count as strikes: a crash (or a caller that went away) used
+    nothing up, and anyone who can call a public function could otherwise put it
+    in the box."""
+    await api.deploy("crasher", CRASH, public=True)
+    for _ in range(api.settings.penalty_strikes + 1):
+        r = await api.client.post("/fn/crasher", content="crash")
+        rec = await api.client.get(
+            f"/api/v1/invocations/{r.headers['x-invocation-id']}", headers=api.auth()
+        )
+        assert (r.status_code, rec.json()["outcome"]) == (502, "killed"), rec.text
+        assert "SIGSEGV" in rec.json()["error_message"]
+    r = await api.client.post("/fn/crasher", content="calm")
+    rec = (
+        await api.client.get(
+            f"/api/v1/invocations/{r.headers['x-invocation-id']}", headers=api.auth()
+        )
+    ).json()
+    assert (r.status_code, r.text) == (200, "calm")
+    assert not any(line["fields"].get("throttled") for line in rec["logs"]), rec["logs"]
