@@ -337,9 +337,14 @@ async def rollback(gw: Gateway, request: Request) -> Response:
         else {}
     )
     version = data.get("version")
+    in_query = query_int(
+        request.query_params, "version", low=1, high=2**31 - 1, code="invalid_version"
+    )
     if version is None:
-        version = query_int(
-            request.query_params, "version", low=1, high=2**31 - 1, code="invalid_version"
+        version = in_query
+    elif in_query is not None and in_query != version:
+        raise ApiError(
+            400, "invalid_version", f"version {in_query} in the query, {version!r} in the body"
         )
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 2**31 - 1:
         raise ApiError(400, "invalid_version", 'give the version to roll back to: {"version": N}')

@@ -7,6 +7,7 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -209,6 +210,17 @@ class Gateway:
         await self.store.aclose()
 
 
+def _utf8_path(request: Request) -> bool:
+    raw = request.scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        return True
+    try:
+        unquote_to_bytes(raw.partition(b"?")[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def create_app(settings: Settings) -> Starlette:
     gw = Gateway(settings)
 
@@ -279,6 +291,15 @@ def create_app(settings: Settings) -> Starlette:
     async def _invoke(
         request: Request, tenant: str, name: str, path: str, params: dict[str, str]
     ) -> Response:
+        if "\ufffd" in path and not _utf8_path(request):
+            # The server decodes %FF (and an encoded surrogate) to U+FFFD: two
+            # different paths would reach the function as one.
+            return error_response(
+                400,
+                "invalid_path",
+                "the path must be UTF-8 once percent-decoded",
+                invocation_id=new_invocation_id(),
+            )
         fv = await gw.active_version(name)
         if fv is None or fv.tenant_id != tenant:
             return error_response(

@@ -404,6 +404,8 @@ def to_http(result: JailResult, inv_id: str, *, head: bool = False) -> Response:
         resp = Response(b"" if head or bodiless else result.body, status_code=result.status)
         if bodiless:
             del resp.headers["content-length"]
+        elif head:  # what a GET would carry (RFC 9110 §9.3.2)
+            resp.headers["content-length"] = str(len(result.body))
         for k, v in result.headers:
             resp.headers.append(k, v)
         resp.headers["X-Invocation-Id"] = inv_id

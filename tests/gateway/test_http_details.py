@@ -1,0 +1,42 @@
+"""Small HTTP contracts of the invocation routes and the admin API."""
+
+from __future__ import annotations
+
+from .conftest import Api
+
+ECHO = "def handler(request, ctx):\n    return {'path': request.path, 'method': request.method}\n"
+
+
+async def test_head_carries_the_length_a_get_would(api: Api) -> None:
+    await api.deploy("echo", ECHO, public=True)
+    get = await api.client.get("/fn/echo/x")
+    head = await api.client.head("/fn/echo/x")
+    assert (get.status_code, head.status_code) == (200, 200)
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(b'{"path": "/x", "method": "HEAD"}'))
+
+
+async def test_paths_that_are_not_utf8_are_refused_not_merged(api: Api) -> None:
+    """%FF and %ED%A0%80 were both decoded to U+FFFD: two paths, one function path."""
+    await api.deploy("echo", ECHO, public=True, routes=["GET /e/{p}"])
+    for path in ("/fn/echo/%FF", "/fn/echo/a%ED%A0%80", "/e/%C3"):
+        r = await api.client.get(path)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path", (path, r.text)
+        assert "x-invocation-id" in r.headers
+    r = await api.client.get("/fn/echo/%EF%BF%BD")  # a real U+FFFD is a path like any other
+    assert r.status_code == 200 and r.json()["path"] == "/\ufffd"
+    r = await api.client.get("/e/caf%C3%A9")
+    assert r.status_code == 200 and r.json()["path"] == "/e/caf\u00e9"
+
+
+async def test_rollback_refuses_two_different_versions(api: Api) -> None:
+    await api.deploy("f", ECHO)
+    await api.deploy("f", ECHO)
+    r = await api.client.post(
+        "/api/v1/functions/f/rollback?version=1", json={"version": 2}, headers=api.auth()
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_version", r.text
+    r = await api.client.post(
+        "/api/v1/functions/f/rollback?version=1", json={"version": 1}, headers=api.auth()
+    )
+    assert r.status_code == 200 and r.json()["version"] == 1, r.text
