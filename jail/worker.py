@@ -385,6 +385,7 @@ class Worker:
         self.slot: str | None = None
         self._last_counters: dict[str, int] | None = None
         self._loading = False  # the runtime said it is importing the function
+        self._single_use: Any = None  # why this worker may serve one invocation only
         self._death: tuple[int, int] | None = None  # (nsjail exit, OOM kills) if it died loading
 
     @property
@@ -452,6 +453,7 @@ class Worker:
             await self.aclose(kill=True)
             raise WorkerError(f"unexpected first frame {header.get('op')!r}")
         self.ready = True
+        self._single_use = header.get("single_use")
         self._last_counters = None  # the first invocation reads its own baseline
         self.jail_pid = next(iter(cg.children_of(proc.pid)), None)
         if self.jail_pid is not None:
@@ -631,6 +633,8 @@ class Worker:
                 writing.cancel()
                 end.done = None
         self._run = None
+        if self._single_use:
+            self._retiring = str(self._single_use)[:200]  # the pool closes it now
         if run is not None and not run.complete and end.done is not None:
             if not self._take_acks():
                 # The child died before it had read its whole request: what is

@@ -477,9 +477,21 @@ def main(argv: list[str]) -> int:
         ends = inbox.channels()
     except (EOFError, _frames.FrameError, OSError):
         return 0
+    ready: dict[str, Any] = {"op": "ready"}
+    if not once:
+        # What the import left in /tmp is not the first invocation's to see
+        # (nor to change under a mapping the import made of it): every warm
+        # invocation starts with /tmp empty.
+        if not _wipe_tmp():
+            ready["single_use"] = "/tmp could not be emptied after the import"
+        # A thread the import left running stays in this process, sees each
+        # invocation's /tmp and could hand it to every later child: such a
+        # worker serves one invocation, like a cold jail.
+        elif _thread._count():
+            ready["single_use"] = "the module left threads running at import"
     n = 1
     first = Child(fn, max_body, ends, n)
-    _frames.write_all(ctl, _frames.encode({"op": "ready"}))
+    _frames.write_all(ctl, _frames.encode(ready))
     poller = select.poll()
     poller.register(ctl, select.POLLIN)
     poller.register(first.pidfd, select.POLLIN)

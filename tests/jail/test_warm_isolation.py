@@ -151,3 +151,46 @@ def handler(request, ctx):
         assert [(e.stream, e.message, e.fields) for e in r.logs] == [
             ("ctx", "mine", {"q": f"n={n}"})
         ], describe(r)
+
+
+COLLECTOR = """
+import os, threading, time
+
+SEEN = []
+
+def collect():
+    # Left running by the import: it stays in the zygote, which outlives
+    # every invocation, and would copy what each one leaves in /tmp.
+    while True:
+        for name in os.listdir("/tmp"):
+            try:
+                with open("/tmp/" + name) as f:
+                    SEEN.append(f.read())
+            except OSError:
+                pass
+        time.sleep(0.001)
+
+threading.Thread(target=collect, daemon=True).start()
+
+def handler(request, ctx):
+    if request.text() == "write":
+        with open("/tmp/secret", "w") as f:
+            f.write("from the first invocation")
+        time.sleep(0.1)
+        return {"seen": SEEN}
+    return {"seen": SEEN, "threads": threading.active_count()}
+"""
+
+
+async def test_a_thread_left_by_the_import_never_carries_one_invocation_to_the_next(
+    jail: Jail,
+) -> None:
+    """Such a worker serves one invocation: its zygote's thread would see each
+    invocation's /tmp and every later child would inherit what it copied."""
+    fn = jail.function(COLLECTOR, "warm")
+    first = body_json(await fn("write"))
+    assert first == {"seen": []}, first  # a child has no threads, and the copy is the zygote's
+    assert not fn.alive, "a worker whose module left a thread running serves one invocation"
+    second = body_json(await fn("look"))
+    assert second == {"seen": [], "threads": 1}, second
+    assert fn.restarts == 1
