@@ -23,6 +23,22 @@ COLORS = {
 }
 RESET = "\033[0m"
 
+# What a function writes (log messages, fields, error messages, paths) reaches
+# the operator's terminal through this command: a raw ESC, CR or NUL there
+# could recolour, rewrite or hide lines, or forge others. C0 but tab, DEL, C1
+# and lone surrogates (which also cannot be encoded for output) print as
+# escapes; printable unicode stays as it is.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09} | {
+    c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), *range(0xD800, 0xE000))
+}
+# A response body keeps its lines.
+_BODY_ESCAPES = {c: e for c, e in _ESCAPES.items() if c != 0x0A}
+
+
+def _safe(value: object) -> str:
+    """``str(value)``, with control characters escaped for a terminal."""
+    return str(value).translate(_ESCAPES)
+
 
 def _client(args: argparse.Namespace) -> httpx.Client:
     key = args.key or os.environ.get("NSFAAS_KEY") or os.environ.get("NSFAAS_ADMIN_KEY")
@@ -42,7 +58,7 @@ def _check(resp: httpx.Response) -> Any:
             msg = f"{err['code']}: {err['message']}"
         except (ValueError, KeyError, TypeError):
             msg = resp.text[:500]
-        sys.stderr.write(f"error ({resp.status_code}) {msg}\n")
+        sys.stderr.write(f"error ({resp.status_code}) {_safe(msg)}\n")
         raise SystemExit(1)
     if resp.status_code == 204 or not resp.content:
         return None
@@ -54,6 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .config import Settings, SettingsError
+    from .httpproto import header_limited_protocol
     from .logconfig import configure_logging
 
     try:
@@ -65,12 +82,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         settings = replace(settings, examples_dir=Path(args.examples))
+    try:
+        protocol = header_limited_protocol(settings.max_header_bytes)
+    except SettingsError as exc:
+        sys.stderr.write(f"nsfaas: {exc}\n")
+        return 2
     configure_logging()
     app = create_app(settings)
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
+        http=protocol,
         log_config=None,
         access_log=False,  # RequestContextMiddleware writes it
         timeout_graceful_shutdown=15,
@@ -103,7 +126,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         body.setdefault("env", {})[k] = v
     with _client(args) as c:
         out = _check(c.put(f"/api/v1/functions/{args.name}", json=body))
-    print(f"deployed {out['name']} version {out['version']}")
+    print(f"deployed {_safe(out['name'])} version {out['version']}")
     return 0
 
 
@@ -111,9 +134,15 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     with _client(args) as c:
         data = args.data.encode() if args.data is not None else b""
         resp = c.request(args.method, f"/fn/{args.name}{args.path}", content=data)
-    sys.stderr.write(f"{resp.status_code} invocation {resp.headers.get('x-invocation-id')}\n")
-    sys.stdout.write(resp.text)
-    if not resp.text.endswith("\n"):
+    inv_id = _safe(resp.headers.get("x-invocation-id"))
+    sys.stderr.write(f"{resp.status_code} invocation {inv_id}\n")
+    text = resp.text
+    if sys.stdout.isatty():
+        # Read on a terminal, it is escaped like the rest; piped, it is the
+        # function's data and goes out as it is.
+        text = text.translate(_BODY_ESCAPES)
+    sys.stdout.write(text)
+    if not text.endswith("\n"):
         sys.stdout.write("\n")
     return 0 if resp.status_code < 400 else 1
 
@@ -123,7 +152,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         out = _check(c.get("/api/v1/functions"))
     for f in out["functions"]:
         vis = "public" if f["public"] else "private"
-        print(f"{f['name']:<24} v{f['version']:<4} {vis:<8} {' '.join(f['routes'])}")
+        routes = " ".join(_safe(r) for r in f["routes"])
+        print(f"{_safe(f['name']):<24} v{f['version']:<4} {vis:<8} {routes}")
     return 0
 
 
@@ -149,7 +179,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         out = _check(
             c.post(f"/api/v1/functions/{args.name}/rollback", json={"version": args.version})
         )
-    print(f"{args.name} now at version {out['version']}")
+    print(f"{_safe(args.name)} now at version {out['version']}")
     return 0
 
 
@@ -161,11 +191,11 @@ def _print_line(line: dict[str, Any], as_json: bool, color: bool) -> None:
         time.strftime("%H:%M:%S", time.localtime(line["ts"])) + f".{int(line['ts'] % 1 * 1000):03d}"
     )
     level = line["level"]
-    lvl = f"{COLORS.get(level, '')}{level:<8}{RESET}" if color else f"{level:<8}"
-    inv = (line.get("invocation_id") or "")[-8:]
+    lvl = f"{COLORS.get(level, '')}{_safe(level):<8}{RESET}" if color else f"{_safe(level):<8}"
+    inv = _safe((line.get("invocation_id") or "")[-8:])
     fields = {k: v for k, v in (line.get("fields") or {}).items() if k != "stream"}
-    extra = " " + json.dumps(fields) if fields else ""
-    print(f"{ts} {lvl} {inv} {line['message']}{extra}", flush=True)
+    extra = " " + _safe(json.dumps(fields, ensure_ascii=False)) if fields else ""
+    print(f"{ts} {lvl} {inv} {_safe(line['message'])}{extra}", flush=True)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -209,8 +239,8 @@ def cmd_invocations(args: argparse.Namespace) -> int:
         when = time.strftime("%H:%M:%S", time.localtime(r["started_at"]))
         wall = f"{r['wall_ms']:.1f}ms" if r["wall_ms"] is not None else "-"
         print(
-            f"{when} {r['id']} {r['outcome']:<12} {r['status'] or '-':<4} {wall:>9} "
-            f"{r['start'] or '-':<5} {r['error_message'] or ''}"
+            f"{when} {_safe(r['id'])} {_safe(r['outcome']):<12} {r['status'] or '-':<4} "
+            f"{wall:>9} {_safe(r['start'] or '-'):<5} {_safe(r['error_message'] or '')}"
         )
     return 0
 
@@ -218,7 +248,10 @@ def cmd_invocations(args: argparse.Namespace) -> int:
 def cmd_tenant(args: argparse.Namespace) -> int:
     with _client(args) as c:
         out = _check(c.post("/api/v1/tenants", json={"name": args.name}))
-    print(f"tenant {out['name']} ({out['id']})\nkey: {out['key']}  (shown once; keep it)")
+    print(
+        f"tenant {_safe(out['name'])} ({_safe(out['id'])})\n"
+        f"key: {_safe(out['key'])}  (shown once; keep it)"
+    )
     return 0
 
 
@@ -283,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except httpx.HTTPError as exc:
-        sys.stderr.write(f"nsfaas: cannot reach {args.url}: {exc}\n")
+        sys.stderr.write(f"nsfaas: cannot reach {_safe(args.url)}: {_safe(exc)}\n")
         return 1
     except BrokenPipeError:
         # `nsfaas logs NAME | head`: the reader left; exit quietly like other tools.

@@ -33,6 +33,7 @@ class Settings:
     pids: int = 32
     cpu_ms_per_sec: int = 500  # CPU quota per invocation: 500 = half a core
     max_request_bytes: int = 6 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024  # request line + headers, or trailers: else 431
     max_buffered_bytes: int = 256 * 1024 * 1024  # all invocation bodies held at once
     body_timeout_s: float = 30.0  # a request body must arrive whole within this: else 408
     max_response_bytes: int = 6 * 1024 * 1024

@@ -1,0 +1,253 @@
+"""The HTTP/1.1 edge: uvicorn's httptools protocol with a cap on request heads.
+
+Neither uvicorn nor httptools bounds a request line or a header: httptools
+joins the pieces of a header until it ends, so one 50 MB header was 50 MB in
+the gateway, and a head past the runtime's 1 MiB frame-header cap killed the
+function's jail and counted against the function (three anonymous requests put
+it in the penalty box). Here a head over the cap is answered 431 before the
+app sees anything, so no invocation, record or strike exists for it.
+
+Two counts, both against the cap. Bytes fed to the parser since its last
+progress (headers complete, a piece of body, a chunk boundary, the message's
+end): input goes in in pieces no larger than the room left, so a head that
+starts a read is cut off at exactly the cap, before httptools holds more. And
+the URL, header names and values of the message, which is what uvicorn keeps
+and the jail receives (uvicorn adds a chunked body's trailers to the request's
+headers, so they count too): this one also catches a head that starts inside a
+read behind another message (pipelining), which the first count sees only from
+the next piece on; such a head never holds more than twice the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, ClassVar
+
+import httptools
+import structlog
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from .config import SettingsError
+
+log = structlog.get_logger("nsfaas.gateway")
+
+# A single total, no per-line cap: 4x Node's 16 KiB and 2x nginx's 4 x 8 KiB,
+# so what passes common proxies passes here.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+MIN_MAX_HEADER_BYTES = 1024
+# Every byte 0x80-0xFF of a header becomes a 6-byte \u00XX in the JSON frame
+# header sent to the jail: 6 x 128 KiB plus the function's env (16 KiB, also
+# escaped) stays under the runtime's 1 MiB frame-header cap.
+MAX_MAX_HEADER_BYTES = 128 * 1024
+# After the 431 the client may still be sending the rest of its head. Closing
+# with unread input makes the kernel send a reset, which can destroy the 431
+# before the client reads it; so, like nginx's lingering close, read and drop
+# for a while first.
+LINGER_S = 2.0
+# A head must arrive whole within this, counted from the connection's start or
+# the previous response's end: uvicorn times out neither a connection that
+# never sends a byte nor a head sent a byte at a time, and each one held holds
+# a file descriptor (nginx's client_header_timeout is 60 s; a function call's
+# head is one small packet).
+HEAD_TIMEOUT_S = 10.0
+
+
+class HeaderLimitProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, refusing heads over ``max_header_bytes`` with 431."""
+
+    max_header_bytes: ClassVar[int] = DEFAULT_MAX_HEADER_BYTES
+    head_timeout_s: ClassVar[float] = HEAD_TIMEOUT_S
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._idle_bytes = 0  # fed since the last progress
+        self._progressed = False  # in the piece being fed
+        self._data_bytes = 0  # url + header names and values of this message
+        self._overflow = False  # a callback stopped the parser for the cap
+        self._in_head = True  # between messages or before headers complete
+        self._refused = False
+        self._linger: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._linger, self._head_timer):
+            if timer is not None:
+                timer.cancel()
+        self._linger = self._head_timer = None
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if self._in_head and not busy and not self._refused:
+            # Nothing to answer: an idle or crawling client. Its response
+            # would be a 408 nobody reads; the fd is what matters.
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: the rest of a refused head is read and dropped
+        self._unset_keepalive_if_required()
+        view = memoryview(data)
+        while view:
+            room = self.max_header_bytes - self._idle_bytes
+            if room <= 0:
+                self._refuse()
+                return
+            if len(view) <= room:  # the usual case: all of it in one go
+                piece, view = view, view[:0]
+            else:
+                piece, view = view[:room], view[room:]
+            self._progressed = False
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
+                return
+            except httptools.HttpParserError:
+                if self._overflow:
+                    self._refuse()
+                    return
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+                return
+            if not self._progressed:
+                self._idle_bytes += len(piece)
+            # else what followed the last progress in this piece goes uncounted:
+            # less than one piece, and _data_bytes still counts it exactly
+
+    # Parser callbacks (hot: they run for every request, so they count inline)
+
+    def _progress(self) -> None:
+        self._idle_bytes = 0
+        self._progressed = True
+
+    def _stop(self) -> None:
+        self._overflow = True
+        raise _HeadTooLarge
+
+    def on_message_begin(self) -> None:
+        self._data_bytes = 0
+        self._in_head = True
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._data_bytes += len(url)
+        if self._data_bytes > self.max_header_bytes:
+            self._stop()
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._data_bytes += len(name) + len(value)
+        if self._data_bytes > self.max_header_bytes:
+            self._stop()
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._in_head = False
+        self._idle_bytes = 0
+        self._progressed = True
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._idle_bytes = 0
+        self._progressed = True
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._progress()
+
+    def on_chunk_complete(self) -> None:
+        self._progress()
+
+    def on_message_complete(self) -> None:
+        self._arm_head_timer()  # for the next head on this connection
+        self._in_head = True
+        self._idle_bytes = 0
+        self._progressed = True
+        super().on_message_complete()
+
+    def _refuse(self) -> None:
+        self._refused = True
+        log.warning(
+            "headers_too_large",
+            client=self.client[0] if self.client else None,
+            limit=self.max_header_bytes,
+        )
+        if not self._in_head or (self.cycle is not None and not self.cycle.response_complete):
+            # Trailers, or a pipelined head behind a response still being
+            # written: a 431 now would answer the wrong request. Drop the
+            # connection instead; the app sees a disconnect.
+            self.transport.close()
+            return
+        self.transport.write(self._431())
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._linger = self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _431(self) -> bytes:
+        error = {
+            "code": "headers_too_large",
+            "message": f"request line and headers exceed {self.max_header_bytes} bytes",
+            "invocation_id": None,
+        }
+        body = json.dumps({"error": error}, separators=(",", ":")).encode()
+        head = [STATUS_LINE[431]]
+        for name, value in self.server_state.default_headers:
+            head.extend([name, b": ", value, b"\r\n"])
+        head.extend(
+            [
+                b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body),
+                b"connection: close\r\n",
+                b"\r\n",
+            ]
+        )
+        return b"".join(head) + body
+
+
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback to stop httptools at the cap."""
+
+
+def header_limited_protocol(
+    max_header_bytes: int, head_timeout_s: float = HEAD_TIMEOUT_S
+) -> type[HeaderLimitProtocol]:
+    """The protocol class to pass as ``uvicorn.Config(http=...)``."""
+    if not MIN_MAX_HEADER_BYTES <= max_header_bytes <= MAX_MAX_HEADER_BYTES:
+        raise SettingsError(
+            f"NSFAAS_MAX_HEADER_BYTES={max_header_bytes}: must be between "
+            f"{MIN_MAX_HEADER_BYTES} and {MAX_MAX_HEADER_BYTES}"
+        )
+    limit, timeout = max_header_bytes, head_timeout_s
+
+    class BoundHeaderLimitProtocol(HeaderLimitProtocol):
+        max_header_bytes = limit
+        head_timeout_s = timeout
+
+    return BoundHeaderLimitProtocol
