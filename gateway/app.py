@@ -291,6 +291,16 @@ def create_app(settings: Settings) -> Starlette:
     async def _invoke(
         request: Request, tenant: str, name: str, path: str, params: dict[str, str]
     ) -> Response:
+        head = len(request.scope.get("raw_path") or b"") + len(request.scope["query_string"])
+        if head + sum(len(k) + len(v) for k, v in request.headers.raw) > settings.max_header_bytes:
+            # `nsfaas serve` refuses such a head before the app (gateway/httpproto.py);
+            # this is for any other server: past the cap it cannot reach a jail.
+            return error_response(
+                431,
+                "headers_too_large",
+                f"request line and headers exceed {settings.max_header_bytes} bytes",
+                invocation_id=new_invocation_id(),
+            )
         if "\ufffd" in path and not _utf8_path(request):
             # The server decodes %FF (and an encoded surrogate) to U+FFFD: two
             # different paths would reach the function as one.

@@ -40,3 +40,17 @@ async def test_rollback_refuses_two_different_versions(api: Api) -> None:
         "/api/v1/functions/f/rollback?version=1", json={"version": 1}, headers=api.auth()
     )
     assert r.status_code == 200 and r.json()["version"] == 1, r.text
+
+
+async def test_the_app_itself_refuses_a_head_over_the_cap(api: Api) -> None:
+    """Under another ASGI server (here httpx's transport) nothing caps heads
+    before the app: the invocation route still refuses what no jail would take."""
+    await api.deploy("echo", ECHO, public=True)
+    big = "a" * api.settings.max_header_bytes
+    r = await api.client.get("/fn/echo", headers={"X-Big": big})
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    r = await api.client.get("/fn/echo", params={"q": big})
+    assert r.status_code == 431
+    listed = await api.client.get("/api/v1/invocations?function=echo", headers=api.auth())
+    assert listed.json()["invocations"] == []
+    assert (await api.client.get("/fn/echo")).status_code == 200
