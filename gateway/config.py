@@ -61,6 +61,9 @@ class Settings:
     warm_memory_budget_mb: int = 2048  # sum of memory limits of idle warm workers
     spare_launchers: int = 2  # launchers waiting inside cgroup slots for the next jail start
     proxy_rate_per_s: float = 200.0  # host-proxy calls per invocation per second (burst = 2x)
+    # ctx.http.fetch reaches public addresses only; these (comma-separated
+    # addresses or CIDR blocks) too, e.g. "10.1.2.0/24" for a service of yours.
+    egress_private: str = ""
     # Noisy neighbours: after this many invocations in a row end at a limit
     # (timeout, memory, output, killed), a function runs with the smaller CPU
     # quota until one ends otherwise or penalty_s pass without another. 0: never.

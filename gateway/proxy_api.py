@@ -15,6 +15,7 @@ import httpx
 
 from jail.proxy import CallContext, ProxyCallError
 
+from . import egress
 from .store import LOG_LEVELS, Conflict, NewLogLine, NotFound, QuotaExceeded
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def _parse_url(url: str, *, base: httpx.URL | None = None) -> httpx.URL:
 class ProxyService:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self.client = egress.client(gw.settings.egress_private)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -246,6 +247,8 @@ class ProxyService:
                 )
                 resp = await self.client.send(req, stream=True)
             except (httpx.HTTPError, ValueError) as exc:
+                if isinstance(exc.__cause__, egress.EgressBlocked):
+                    raise ProxyCallError("egress_denied", str(exc.__cause__)[:500]) from None
                 raise ProxyCallError(
                     "egress_failed", f"{type(exc).__name__}: {exc}"[:500]
                 ) from None

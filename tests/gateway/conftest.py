@@ -51,6 +51,9 @@ def make_settings(data_dir: Path, **kw: object) -> Settings:
         "warm_idle_s": 30.0,
         "queue_size": 256,
         "queue_timeout_s": 60.0,
+        # The upstream test servers listen on loopback, which functions may
+        # not reach unless the operator says so (tests/gateway/test_egress.py).
+        "egress_private": "127.0.0.0/8",
     }
     base.update(kw)
     return Settings(**base)  # type: ignore[arg-type]

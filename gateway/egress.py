@@ -1,0 +1,113 @@
+"""Where ctx.http.fetch may connect: public addresses only, unless the operator says.
+
+A function's ``egress_allow`` names hosts, and its tenant writes it. A name can
+resolve to anything: ``127.0.0.1`` (this gateway, a Redis or Postgres beside
+it), ``10.0.0.0/8`` (the operator's network), ``169.254.169.254`` (a cloud's
+metadata service, with its credentials). So every connection is checked at the
+one place that knows the address actually used: the TCP connect. The name is
+resolved here, every address it resolves to must be public (or in the
+operator's ``NSFAAS_EGRESS_PRIVATE``), and the connection goes to an address
+that was checked, so a second resolution (DNS rebinding) cannot swap it. TLS
+still verifies the certificate against the name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import httpcore
+import httpx
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class EgressBlocked(httpcore.ConnectError):
+    """The name resolved to an address a function may not reach."""
+
+
+def parse_networks(spec: str) -> tuple[Network, ...]:
+    """``NSFAAS_EGRESS_PRIVATE``: comma-separated addresses or CIDR blocks."""
+    nets = []
+    for part in spec.split(","):
+        if part.strip():
+            nets.append(ipaddress.ip_network(part.strip(), strict=False))
+    return tuple(nets)
+
+
+def permitted(ip: str, extra: Iterable[Network]) -> bool:
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if any(addr in net for net in extra):
+        return True
+    # is_global: not loopback, private (RFC 1918, ULA), link-local, shared
+    # (100.64/10), reserved, unspecified or documentation space.
+    return addr.is_global and not addr.is_multicast
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, extra: tuple[Network, ...]) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._extra = extra
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc}") from None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        refused = [ip for ip in addresses if not permitted(ip, self._extra)]
+        if refused or not addresses:
+            # All or nothing: a name that also resolves to a private address is
+            # refused even if a public one comes first.
+            raise EgressBlocked(f"{host!r} resolves to a non-public address ({refused[0]})")
+        error: Exception | None = None
+        for ip in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    ip, port, timeout, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise EgressBlocked("no Unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def client(private: str = "") -> httpx.AsyncClient:
+    """The gateway's client for ctx.http.fetch: no proxies from the environment,
+    no redirects of its own (each hop is checked against the allow-list first),
+    and every connection through the address check above."""
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    transport._pool = httpcore.AsyncConnectionPool(  # the one hook httpx lacks
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=100,  # httpx's own defaults
+        max_keepalive_connections=20,
+        keepalive_expiry=5.0,
+        network_backend=_GuardedBackend(parse_networks(private)),
+    )
+    return httpx.AsyncClient(follow_redirects=False, trust_env=False, transport=transport)

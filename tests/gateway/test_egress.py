@@ -1,0 +1,77 @@
+"""ctx.http.fetch reaches public addresses only: a tenant's allow-list names
+hosts, and a name (or an IP literal) may point at this gateway, a database
+beside it, the operator's network or a cloud's metadata service."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.egress import parse_networks, permitted
+from jail import choose_jail_dir
+
+from .conftest import Api, make_settings
+
+
+@pytest.mark.parametrize(
+    ("ip", "ok"),
+    [
+        ("127.0.0.1", False),
+        ("127.9.9.9", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # shared address space
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        ("fc00::1", False),
+        ("fe80::1%2", False),
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+    ],
+)
+def test_only_public_addresses(ip: str, ok: bool) -> None:
+    assert permitted(ip, ()) is ok
+
+
+def test_the_operator_may_open_private_networks() -> None:
+    nets = parse_networks("10.1.2.0/24, 127.0.0.1")
+    assert permitted("10.1.2.7", nets) and permitted("127.0.0.1", nets)
+    assert not permitted("10.1.3.7", nets) and not permitted("127.0.0.2", nets)
+
+
+FETCH = """
+def handler(request, ctx):
+    try:
+        r = ctx.http.fetch("GET", request.query["url"])
+        return {"status": r.status}
+    except Exception as exc:
+        return {"error": getattr(exc, "code", type(exc).__name__), "message": str(exc)}
+"""
+
+
+async def test_loopback_is_unreachable_even_when_allow_listed(
+    tmp_path: Path, upstream: int
+) -> None:
+    settings = make_settings(tmp_path / "data", egress_private="")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            api = Api(c, settings, app)
+            allow = [f"127.0.0.1:{upstream}", f"localhost:{upstream}"]
+            await api.deploy("fetch", FETCH, public=True, egress_allow=allow)
+            for host in ("127.0.0.1", "localhost"):
+                url = f"http://{host}:{upstream}/"
+                r = await c.get("/fn/fetch", params={"url": url})
+                body = r.json()
+                assert body["error"] == "egress_denied", (url, body)
+                assert "non-public" in body["message"], body
+    shutil.rmtree(choose_jail_dir(settings.data_dir), ignore_errors=True)
