@@ -32,6 +32,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.httpproto import header_limited_protocol
 from jail import choose_jail_dir
 
 ADMIN = "e2e-admin-key"
@@ -99,13 +100,15 @@ StartLive = Callable[..., contextlib.AbstractAsyncContextManager[Live]]
 
 
 @contextlib.asynccontextmanager
-async def serve_in_loop(settings: Settings) -> AsyncIterator[Live]:
-    """uvicorn in this event loop; yields once it accepts connections."""
+async def serve_in_loop(settings: Settings, head_timeout_s: float = 10.0) -> AsyncIterator[Live]:
+    """uvicorn in this event loop, with the HTTP protocol `nsfaas serve` uses;
+    yields once it accepts connections."""
     app = create_app(settings)
     config = uvicorn.Config(
         app=app,
         host="127.0.0.1",
         port=0,
+        http=header_limited_protocol(settings.max_header_bytes, head_timeout_s),
         log_config=None,
         lifespan="on",
         access_log=False,

@@ -20,9 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from gateway.app import create_app
 from gateway.httpproto import (
     MAX_MAX_HEADER_BYTES,
     MIN_MAX_HEADER_BYTES,
@@ -30,13 +28,13 @@ from gateway.httpproto import (
 )
 
 from .conftest import (
-    ADMIN,
     REPO,
     GatewayProcess,
     Live,
     auth,
     e2e_settings,
     remove_data_dir,
+    serve_in_loop,
     short_tmp,
 )
 
@@ -51,30 +49,10 @@ CAP = 64 * 1024
 async def serve(head_timeout_s: float = 10.0, **overrides: Any) -> AsyncIterator[Live]:
     """The gateway behind uvicorn with the header-limited protocol, port 0."""
     data_dir = short_tmp()
-    settings = e2e_settings(data_dir, **overrides)
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app=app,
-        host="127.0.0.1",
-        port=0,
-        http=header_limited_protocol(settings.max_header_bytes, head_timeout_s),
-        log_config=None,
-        lifespan="on",
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(60):
-            while not server.started:
-                assert not task.done(), "uvicorn stopped before it started"
-                await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield Live(f"http://127.0.0.1:{port}", ADMIN, settings, app)
+        async with serve_in_loop(e2e_settings(data_dir, **overrides), head_timeout_s) as live:
+            yield live
     finally:
-        server.should_exit = True
-        async with asyncio.timeout(60):
-            await task
         remove_data_dir(data_dir)
 
 
