@@ -140,6 +140,14 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
     level = query_choice(q, "level", tuple(LOG_LEVELS), code="invalid_level")
     text = q.get("q") or None
     if query_bool(q, "follow", code="invalid_follow"):
+        ignored = [k for k in ("since", "until", "limit", "cursor", "invocation") if k in q]
+        if ignored:
+            raise ApiError(
+                400,
+                "invalid_parameter",
+                f"follow streams the lines stored from now on; {', '.join(ignored)} "
+                "cannot apply to it (page with them without follow)",
+            )
         return StreamingResponse(
             _follow(gw, request, tenant, name, level, text),
             media_type="text/event-stream",
@@ -190,6 +198,11 @@ async def _follow(
             continue
         new = await gw.logbus.wait(seen, FOLLOW_POLL_S)
         if new == seen:
+            try:  # a quiet moment: is there still a function to follow?
+                await gw.store.get_function(tenant, name)
+            except NotFound:
+                yield "event: end\ndata: {\"reason\": \"function_deleted\"}\n\n"
+                return
             yield ": keep-alive\n\n"
         seen = new
         await asyncio.sleep(0)

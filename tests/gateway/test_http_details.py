@@ -55,3 +55,13 @@ async def test_the_app_itself_refuses_a_head_over_the_cap(api: Api) -> None:
     listed = await api.client.get("/api/v1/invocations?function=echo", headers=api.auth())
     assert listed.json()["invocations"] == []
     assert (await api.client.get("/fn/echo")).status_code == 200
+
+
+async def test_follow_refuses_parameters_it_cannot_apply(api: Api) -> None:
+    await api.deploy("echo", ECHO)
+    for extra in ("since=10m", "limit=5", "cursor=x", "invocation=abc", "until=1"):
+        r = await api.client.get(
+            f"/api/v1/functions/echo/logs?follow=1&{extra}", headers=api.auth()
+        )
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["code"] == "invalid_parameter"
