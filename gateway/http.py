@@ -112,7 +112,10 @@ async def read_body(
     sending (Content-Length: 100 and 3 bytes) would otherwise hold its share
     of the body budget, and a connection, for as long as it likes.
     """
-    declared = request.headers.get("content-length")
+    headers = request.headers
+    declared = headers.get("content-length")
+    if declared == "0" or (declared is None and "transfer-encoding" not in headers):
+        return b""  # HTTP/1.1 has no other way to send a body: nothing to wait for
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise ApiError(413, "payload_too_large", f"request body exceeds {cap} bytes")
     chunks: list[bytes] = []  # every byte in them is reserved in the budget
