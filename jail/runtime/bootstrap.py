@@ -41,8 +41,11 @@ else:
     import _signal
 
 # -I leaves the script's folder off sys.path; the runtime comes first so a
-# function's own modules cannot shadow it.
-sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), "/function"]
+# function's own modules cannot shadow it, and /function joins only after the
+# runtime's imports below: a bundle's json.py must not replace the json the
+# runtime itself uses (that failed the runtime before it could report, as a
+# jail failure), only the json the function imports.
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
 if TYPE_CHECKING:
     from jail.runtime import _frames
 else:
@@ -54,6 +57,8 @@ if TYPE_CHECKING:
 else:
     import nsfaas
 import resource  # noqa: E402
+
+sys.path.insert(1, "/function")
 
 if TYPE_CHECKING:
     Handler = Callable[..., Any]

@@ -53,3 +53,34 @@ async def test_an_import_that_ends_the_runtime_is_the_functions_failure(
     await api.deploy(name, HANDLER.replace("'unreachable'", "'fine'"), public=True)
     r = await api.client.get(f"/fn/{name}")
     assert (r.status_code, r.text) == (200, "fine")
+
+
+async def test_a_bundle_module_named_like_the_stdlib_cannot_break_the_runtime(
+    api: Api,
+) -> None:
+    """A bundle's json.py used to replace the json the runtime imports itself:
+    the runtime failed before it could report (503 jail_failure). Modules the
+    runtime imported first stay the stdlib's (the function's `import json` gets
+    them too); any other stdlib name the bundle ships is the bundle's."""
+    import base64
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("json.py", "X = 1\n")
+        z.writestr("calendar.py", "Y = 2\n")
+        z.writestr(
+            "handler.py",
+            "import calendar, json\n"
+            "def handler(r, c):\n"
+            "    return {'stdlib_json': hasattr(json, 'dumps'), 'y': calendar.Y}\n",
+        )
+    r = await api.client.put(
+        "/api/v1/functions/shadow",
+        json={"archive": base64.b64encode(buf.getvalue()).decode(), "public": True},
+        headers=api.auth(),
+    )
+    assert r.status_code == 201, r.text
+    r = await api.client.get("/fn/shadow")
+    assert (r.status_code, r.json()) == (200, {"stdlib_json": True, "y": 2}), r.text

@@ -176,3 +176,52 @@ def test_host_control_the_jails_answers_come_from_seccomp() -> None:
     for name in ("process_vm_readv", "unshare", "personality", "kcmp", "socket_AF_INET"):
         assert host[name][0] >= 0, (name, host[name])
     assert host["clone3"] == [-1, errno.EINVAL]
+
+
+ZYGOTE_KNOBS = """
+import os, resource
+
+def handler(request, ctx):
+    def errno_of(f):
+        try:
+            f()
+            return "ok"
+        except OSError as e:
+            return e.errno
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    tries = {
+        "pid1_nproc": errno_of(lambda: resource.prlimit(1, resource.RLIMIT_NPROC, (0, hard))),
+        "pid1_as": errno_of(lambda: resource.prlimit(1, resource.RLIMIT_AS, (123456789, -1))),
+        "pid1_affinity": errno_of(lambda: os.sched_setaffinity(1, {0})),
+        "pid1_scheduler": errno_of(
+            lambda: os.sched_setscheduler(1, os.SCHED_IDLE, os.sched_param(0))),
+        "pid1_nice": errno_of(lambda: os.setpriority(os.PRIO_PROCESS, 1, 19)),
+        "group_nice": errno_of(lambda: os.setpriority(os.PRIO_PGRP, 0, 19)),
+        "own_affinity": errno_of(lambda: os.sched_setaffinity(0, {0})),
+        "own_nice": errno_of(lambda: os.setpriority(os.PRIO_PROCESS, 0, 19)),
+        "own_limit": errno_of(lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0))),
+    }
+    seen = {
+        "as": list(resource.prlimit(1, resource.RLIMIT_AS)),
+        "scheduler": os.sched_getscheduler(1),
+        "affinity": sorted(os.sched_getaffinity(1)),
+    }
+    return {"tries": tries, "zygote": seen}
+"""
+
+
+async def test_an_invocation_cannot_retune_its_zygote(jail: Jail, mode: str) -> None:
+    """prlimit/sched_*/setpriority on pid 1 outlived the invocation: a lower
+    RLIMIT_NPROC broke the next fork (502), and an rlimit value carried 64 bits
+    to the next invocation. Refused (EPERM); a process still tunes itself."""
+    fn = jail.function(ZYGOTE_KNOBS, mode)
+    first = body_json(await fn())
+    assert first["tries"] == {
+        "pid1_nproc": 1, "pid1_as": 1, "pid1_affinity": 1, "pid1_scheduler": 1,
+        "pid1_nice": 1, "group_nice": 1,
+        "own_affinity": "ok", "own_nice": "ok", "own_limit": "ok",
+    }, first
+    second = body_json(await fn())
+    assert second["zygote"] == first["zygote"], (first, second)
+    assert second["zygote"]["as"] != [123456789, -1]
+    await fn.assert_recovers()
