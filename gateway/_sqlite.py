@@ -338,8 +338,20 @@ class SqliteStore(Store):
         now = time.time()
         return await self._write(lambda c: catalog.rollback(c, tenant_id, name, version, now))
 
-    async def delete_function(self, tenant_id: str, name: str) -> None:
-        await self._write(lambda c: catalog.delete_function(c, tenant_id, name))
+    async def delete_function(self, tenant_id: str, name: str) -> list[str]:
+        digests = await self._write(lambda c: catalog.delete_function(c, tenant_id, name))
+
+        def collect(conn: sqlite3.Connection) -> list[str]:
+            # A write of its own, so it is ordered with every put_function: one
+            # that committed first keeps its blob; one that comes later finds
+            # the blob gone (its op checks) and the upload stores it again.
+            gone = catalog.unreferenced(conn, digests)
+            for digest in gone:
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(digest).unlink()
+            return gone
+
+        return await self._write(collect)
 
     async def all_routes(self) -> list[RouteEntry]:
         return await self._read(catalog.all_routes)

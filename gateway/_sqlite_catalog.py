@@ -185,12 +185,29 @@ def rollback(
     return target
 
 
-def delete_function(conn: sqlite3.Connection, tenant_id: str, name: str) -> None:
+def delete_function(conn: sqlite3.Connection, tenant_id: str, name: str) -> list[str]:
+    """Delete; the digests its versions used (for ``unreferenced``)."""
     key = (tenant_id, name)
     if not conn.execute("DELETE FROM functions WHERE tenant_id = ? AND name = ?", key).rowcount:
         raise NotFound("function_not_found", f"function {name!r} not found")
+    digests = [
+        d
+        for (d,) in conn.execute(
+            "SELECT DISTINCT digest FROM versions WHERE tenant_id = ? AND name = ?", key
+        )
+    ]
     conn.execute("DELETE FROM versions WHERE tenant_id = ? AND name = ?", key)
     conn.execute("DELETE FROM routes WHERE tenant_id = ? AND name = ?", key)
+    return digests
+
+
+def unreferenced(conn: sqlite3.Connection, digests: list[str]) -> list[str]:
+    """Those of ``digests`` no version of any function refers to."""
+    return [
+        d
+        for d in digests
+        if not conn.execute("SELECT 1 FROM versions WHERE digest = ? LIMIT 1", (d,)).fetchone()
+    ]
 
 
 def all_routes(conn: sqlite3.Connection) -> list[RouteEntry]:

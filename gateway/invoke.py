@@ -162,6 +162,15 @@ class Invoker:
         self._unpacked.add(digest)
         return path
 
+    async def forget_code(self, digests: list[str]) -> None:
+        """Remove the unpacked code of versions that no longer exist."""
+        if self.runner is None:
+            return
+        for digest in digests:
+            self._unpacked.discard(digest)
+            self._code_locks.pop(digest, None)
+            await asyncio.to_thread(self.runner.remove_code, digest)
+
     def pool_key(self, fv: FunctionVersion, *, throttled: bool = False) -> str:
         # A throttled function's workers have the smaller CPU quota in their
         # cgroup: a key of their own (switching retires the other's workers).

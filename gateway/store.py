@@ -460,8 +460,9 @@ class Store(abc.ABC):
         """Make an existing version active again, with its routes (same conflict rule)."""
 
     @abc.abstractmethod
-    async def delete_function(self, tenant_id: str, name: str) -> None:
-        """Remove a function, its versions and routes. The tenant's KV data stays."""
+    async def delete_function(self, tenant_id: str, name: str) -> list[str]:
+        """Remove a function, its versions and routes (the tenant's KV data stays),
+        and the code blobs no other version refers to: their digests."""
 
     @abc.abstractmethod
     async def all_routes(self) -> list[RouteEntry]:

@@ -205,6 +205,11 @@ class JailRunner:
     def code_dir(self, digest: str) -> Path:
         return self.jail_dir / "code" / digest
 
+    def remove_code(self, digest: str) -> None:
+        """Delete a code version's directory (blocking). A jail still running it
+        keeps what its processes opened; none is started with it again."""
+        shutil.rmtree(self.code_dir(digest), ignore_errors=True)
+
     def ensure_code(self, digest: str, unpack: Callable[[Path], None]) -> Path:
         """Materialise a code version once (blocking; call from a thread)."""
         path = self.code_dir(digest)

@@ -495,3 +495,29 @@ async def test_deeply_nested_json_is_a_400_not_a_500(api: Api) -> None:
         assert r.json()["error"]["code"], r.text
     r = await api.client.get("/healthz")
     assert r.status_code == 200
+
+
+async def test_delete_and_recreate_does_not_grow_the_disk(api: Api) -> None:
+    """The audit's loop: upload, delete, re-create. Each round used to leave its
+    blobs and unpacked code behind for good."""
+    data = api.settings.data_dir
+
+    def usage() -> int:
+        return sum(f.stat().st_size for f in data.rglob("*") if f.is_file() and "blobs" in f.parts)
+
+    sizes = []
+    for round_ in range(3):
+        for v in range(2):
+            src = f"PAD = {'x' * 50_000!r}\ndef handler(r, c):\n    return '{round_}.{v}'\n"
+            await api.deploy("churn", src, public=True)
+        r = await api.client.get("/fn/churn")
+        assert r.text == f"{round_}.1"
+        r = await api.client.delete("/api/v1/functions/churn", headers=api.auth())
+        assert r.status_code == 204
+        sizes.append(usage())
+    assert sizes[-1] <= sizes[0], sizes
+    from jail import choose_jail_dir
+
+    code = choose_jail_dir(data) / "code"
+    assert code.is_dir()  # where the unpacked versions were
+    assert [p.name for p in code.iterdir() if len(p.name) == 64] == []

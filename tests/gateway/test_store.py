@@ -942,3 +942,26 @@ async def test_sigkill_during_deploys_leaves_only_complete_versions(tmp_path: Pa
     assert acknowledged <= total <= acknowledged + rounds
     with sqlite3.connect(tmp_path / "nsfaas.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_deleting_a_function_frees_blobs_no_other_version_uses(store: SqliteStore) -> None:
+    """Blobs were never collected: deleting and re-creating a function reset its
+    version count but not its disk, so a tenant's disk use had no bound."""
+    a, _ = await store.create_tenant("a")
+    b, _ = await store.create_tenant("b")
+    await deploy(store, a.id, "f", code=b"one")
+    await deploy(store, a.id, "f", code=b"two")
+    await deploy(store, b.id, "g", code=b"two")  # the same code, another tenant's
+    one = hashlib.sha256(b"one").hexdigest()
+    two = hashlib.sha256(b"two").hexdigest()
+    assert await store.delete_function(a.id, "f") == [one]
+    assert not store.blob_path(one).exists()
+    assert store.blob_path(two).exists() and await store.read_blob(two) == b"two"
+    assert await store.delete_function(b.id, "g") == [two]
+    assert not store.blob_path(two).exists()
+    # A version whose blob was collected after it was written is refused, not stored.
+    digest = await store.put_blob(b"three")
+    store.blob_path(digest).unlink()
+    with pytest.raises(NotFound) as exc:
+        await store.put_function(a.id, "f", digest, 5, config())
+    assert exc.value.code == "blob_not_found"
