@@ -191,6 +191,14 @@ def _query_opts(gw: Gateway, request: Request) -> dict[str, Any]:
     return opts
 
 
+def _b64(text: str) -> bytes:
+    """Base64 as tools write it: wrapped lines (`base64` wraps at 76), missing
+    padding and the URL-safe alphabet are fine; anything else is an error."""
+    packed = "".join(text.split())
+    packed = packed.replace("-", "+").replace("_", "/")
+    return base64.b64decode(packed + "=" * (-len(packed) % 4), validate=True)
+
+
 async def put_function(gw: Gateway, request: Request) -> Response:
     who = await gw.auth(request)
     name = check_name(request.path_params["name"])
@@ -218,7 +226,7 @@ async def put_function(gw: Gateway, request: Request) -> Response:
             if not isinstance(data["archive"], str):
                 raise ApiError(400, "missing_code", "'archive' must be a base64 string")
             try:
-                archive = base64.b64decode(data["archive"], validate=True)
+                archive = _b64(data["archive"])
             except (binascii.Error, ValueError):
                 raise ApiError(400, "bad_zip", "'archive' is not valid base64") from None
     else:

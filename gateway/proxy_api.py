@@ -33,12 +33,19 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: valid JSON text, but read back as Infinity
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
 def encode_value(value: bytes, *, is_json: bool) -> bytes:
     if is_json:
         try:
             # json.loads takes NaN and Infinity, which no other JSON parser
             # reads back; a stored value must be JSON to every client.
-            json.loads(value, parse_constant=_no_constant)
+            json.loads(value, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, RecursionError):
             raise ProxyCallError("invalid_value", "value is not valid JSON") from None
         return value

@@ -27,10 +27,15 @@ Outcome = Literal[
 OUTCOMES: tuple[str, ...] = Outcome.__args__  # type: ignore[attr-defined]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
+# Framing and hop-by-hop headers, and those the gateway sets itself on every
+# answer (a function's own Date, Server or X-Request-Id would make two).
 HOP_BY_HOP = frozenset(
     {
         "connection",
         "content-length",
+        "date",
+        "server",
+        "x-request-id",
         "keep-alive",
         "proxy-connection",
         "te",

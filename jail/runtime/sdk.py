@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
     from functools import cached_property as _lazy
     from typing import Any
 
@@ -143,11 +143,15 @@ class Response:
     """An explicit response: ``Response(body, status=200, headers={})``."""
 
     def __init__(
-        self, body: Any = b"", status: int = 200, headers: Mapping[str, str] | None = None
+        self,
+        body: Any = b"",
+        status: int = 200,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
     ) -> None:
         self.body = body
         self.status = status
-        self.headers = dict(headers or {})
+        # A mapping, or (name, value) pairs when a name repeats (Set-Cookie).
+        self.headers = headers if headers is not None else {}
 
 
 class FunctionError(Exception):
@@ -444,19 +448,22 @@ def to_response(value: Any) -> tuple[int, list[list[str]], bytes]:
     Raises TypeError for anything outside the contract; the caller reports
     that as a ``bad_response`` outcome.
     """
-    status, headers = 200, {}
+    status: Any = 200
+    headers: Any = {}
     if isinstance(value, tuple):
         if len(value) not in (2, 3):
             raise TypeError("a tuple response must be (body, status) or (body, status, headers)")
         value, status, *rest = value
-        headers = dict(rest[0]) if rest else {}
+        headers = rest[0] if rest else {}
     elif isinstance(value, Response):
         value, status, headers = value.body, value.status, value.headers
     if isinstance(status, bool) or not isinstance(status, int):
         raise TypeError(f"status must be an int, not {type(status).__name__}")
-    if len(headers) > MAX_HEADERS:
+    # A mapping, or (name, value) pairs: a name may repeat (Set-Cookie).
+    pairs = list(headers.items() if hasattr(headers, "items") else headers)
+    if len(pairs) > MAX_HEADERS:
         raise ValueError(f"at most {MAX_HEADERS} headers")
-    hdrs = [[_header_name(k), _header_value(v)] for k, v in headers.items()]
+    hdrs = [[_header_name(k), _header_value(v)] for k, v in pairs]
     lower = {k.lower() for k, _ in hdrs}
 
     def ctype(default: str) -> None:

@@ -521,3 +521,22 @@ async def test_delete_and_recreate_does_not_grow_the_disk(api: Api) -> None:
     code = choose_jail_dir(data) / "code"
     assert code.is_dir()  # where the unpacked versions were
     assert [p.name for p in code.iterdir() if len(p.name) == 64] == []
+
+
+async def test_archive_base64_as_tools_write_it(api: Api) -> None:
+    """Wrapped at 76 columns (the base64 tool's default), without padding, or
+    URL-safe: all the same archive."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("handler.py", "def handler(r, c):\n    return 'zipped'\n" + "#" * 300)
+    raw = base64.b64encode(buf.getvalue()).decode()
+    wrapped = "\n".join(raw[i : i + 76] for i in range(0, len(raw), 76)) + "\n"
+    for i, text in enumerate(
+        (wrapped, raw.rstrip("="), base64.urlsafe_b64encode(buf.getvalue()).decode())
+    ):
+        r = await api.client.put(
+            f"/api/v1/functions/b64-{i}", json={"archive": text, "public": True},
+            headers=api.auth(),
+        )
+        assert r.status_code == 201, (i, r.text)
+        assert (await api.client.get(f"/fn/b64-{i}")).text == "zipped"

@@ -55,3 +55,21 @@ async def test_exactly_64_headers_and_numbers_as_values(jail: Jail, mode: str) -
     assert (r.outcome, r.status, r.body) == ("ok", 201, b'{"ok": 1.5}'), describe(r)
     assert len(r.headers) == 65 and ("X-Count", "3") in r.headers, r.headers
     await fn.assert_recovers()
+
+
+async def test_repeated_headers_as_pairs_and_the_gateways_own_dropped(
+    jail: Jail, mode: str
+) -> None:
+    src = (
+        "def handler(request, ctx):\n"
+        "    return 'x', 200, [('Set-Cookie', 'a=1'), ('Set-Cookie', 'b=2'),\n"
+        "                      ('Server', 'evil'), ('Date', 'yesterday'),\n"
+        "                      ('X-Request-Id', 'forged'), ('X-Ok', 'yes')]\n"
+    )
+    fn = jail.function(src, mode, limits=LIM)
+    r = await fn()
+    assert r.outcome == "ok", describe(r)
+    assert [h for h in r.headers if h[0] != "content-type"] == [
+        ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Ok", "yes")
+    ], r.headers
+    await fn.assert_recovers()
