@@ -173,12 +173,27 @@ def _check_end_record(data: bytes, max_files: int) -> None:
     if disk != 0 or cd_disk != 0 or disk_entries != entries:
         raise ZipRejected("bad_zip", "multi-disk (split) archives are not supported")
     if cd_size == 0xFFFFFFFF:
-        return  # zip64 size; the count after parsing still applies
+        # The size is in the zip64 record (zipfile reads the directory by its
+        # size): without this, 115,000 entries became 115,000 objects before
+        # the count applied. A zip64 record we cannot read: count everything.
+        cd_size = _zip64_cd_size(data, end) or end
     # Every central directory entry starts with the signature, so this count
     # is never below the real number of entries.
     start = max(0, end - cd_size - _ZIP64_TRAILER_SIZE)
     if data.count(_CD_SIGNATURE, start, end) > max_files:
         raise _too_many(max_files)
+
+
+def _zip64_cd_size(data: bytes, end: int) -> int | None:
+    """The central directory's size from the zip64 end record, if there is one."""
+    locator = end - 20
+    if locator < 0 or data[locator : locator + 4] != b"PK\x06\x07":
+        return None
+    (record,) = struct.unpack_from("<Q", data, locator + 8)
+    if record + 56 > locator or data[record : record + 4] != b"PK\x06\x06":
+        return None
+    (size,) = struct.unpack_from("<Q", data, record + 40)
+    return int(size)
 
 
 def _find_end_record(data: bytes) -> int | None:

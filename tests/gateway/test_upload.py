@@ -626,3 +626,22 @@ def test_unpack_accepts_highly_compressible_stored_code(tmp_path: Path) -> None:
     bundle = bundle_from_source(source, entrypoint=None, limits=LIMITS)
     unpack_bundle(bundle.to_zip(), tmp_path / "code")
     assert (tmp_path / "code" / "handler.py").read_bytes() == source
+
+
+def test_a_zip64_directory_is_counted_before_parsing_too() -> None:
+    """The end record's directory size 0xFFFFFFFF defers to the zip64 record;
+    that deferral skipped the early count, and zipfile built an object for each
+    of 115,000 entries (70 MB) before the limit applied."""
+    from gateway._zipcheck import ZipRejected, _check_end_record
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(66_000):  # past 65,535 entries zipfile writes zip64 records
+            zf.writestr(f"{i}", b"")
+    data = bytearray(buffer.getvalue())
+    end = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<L", data, end + 12, 0xFFFFFFFF)  # "see the zip64 record"
+    with pytest.raises(ZipRejected) as error:
+        _check_end_record(bytes(data), LIMITS.max_files)
+    assert error.value.code == "too_many_files"
+    assert reject_zip(bytes(data)).code == "too_many_files"
