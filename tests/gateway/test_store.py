@@ -206,7 +206,7 @@ async def test_versions_increment_and_are_never_reused(store: SqliteStore) -> No
     info = await store.get_function(t.id, "f")
     assert (info.active_version, info.latest_version) == (4, 4)
     assert [v.version for v in await store.list_versions(t.id, "f")] == [1, 2, 3, 4]
-    assert await store.delete_function(t.id, "f") == [digest]  # its blob went with it
+    assert digest in await store.delete_function(t.id, "f")  # its blob went with it
     digest = await store.put_blob(b"v1")
     fv, created = await store.put_function(t.id, "f", digest, 2, config())
     assert (fv.version, created) == (5, True)  # even a deleted function's numbers stay used
