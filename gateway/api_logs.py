@@ -201,7 +201,7 @@ async def _follow(
             try:  # a quiet moment: is there still a function to follow?
                 await gw.store.get_function(tenant, name)
             except NotFound:
-                yield "event: end\ndata: {\"reason\": \"function_deleted\"}\n\n"
+                yield 'event: end\ndata: {"reason": "function_deleted"}\n\n'
                 return
             yield ": keep-alive\n\n"
         seen = new

@@ -16,6 +16,7 @@ from typing import Any
 PREFIX = struct.Struct(">II")
 MAX_HEADER = 1 << 20  # 1 MiB of JSON is far more than any control message needs
 
+
 # json.dumps and json.loads build an encoder and look up a dozen options on
 # every call; in a freshly forked child each object they touch is one more
 # copy-on-write page fault (~3 us here). One C encoder and one C scanner, made

@@ -234,12 +234,14 @@ async def test_a_json_number_that_overflows_is_not_a_kv_value(api: Api) -> None:
     a = await api.tenant("alice")
     for body in (b'{"a": 1e999}', b"-1e400", b"[1.5, 2e308]"):
         r = await api.client.put(
-            "/api/v1/kv/x", content=body,
+            "/api/v1/kv/x",
+            content=body,
             headers={**api.auth(a), "Content-Type": "application/json"},
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", body
     r = await api.client.put(
-        "/api/v1/kv/x", content=b'{"a": 1e300}',
+        "/api/v1/kv/x",
+        content=b'{"a": 1e300}',
         headers={**api.auth(a), "Content-Type": "application/json"},
     )
     assert r.status_code == 204

@@ -70,6 +70,8 @@ async def test_repeated_headers_as_pairs_and_the_gateways_own_dropped(
     r = await fn()
     assert r.outcome == "ok", describe(r)
     assert [h for h in r.headers if h[0] != "content-type"] == [
-        ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Ok", "yes")
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("X-Ok", "yes"),
     ], r.headers
     await fn.assert_recovers()
