@@ -6,6 +6,7 @@ never by what the function sends.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -239,51 +240,65 @@ class ProxyService:
             if str(k).lower() not in ("host", "content-length", "transfer-encoding", "connection")
         }
         target = _parse_url(url)
-        for _ in range(MAX_REDIRECTS + 1):
-            if not host_allowed(target, ctx.egress_allow):
-                raise ProxyCallError(
-                    "egress_denied", f"egress to {target.netloc.decode()[:200]!r} is not allowed"
-                )
-            try:
-                req = self.client.build_request(
-                    method,
-                    target,
-                    headers=clean,
-                    content=body or None,
-                    timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-                )
-                resp = await self.client.send(req, stream=True)
-            except (httpx.HTTPError, ValueError) as exc:
-                if isinstance(exc.__cause__, egress.EgressBlocked):
-                    raise ProxyCallError("egress_denied", str(exc.__cause__)[:500]) from None
-                raise ProxyCallError(
-                    "egress_failed", f"{type(exc).__name__}: {exc}"[:500]
-                ) from None
-            try:
-                if resp.is_redirect and "location" in resp.headers:
-                    target = _parse_url(resp.headers["location"], base=target)
-                    if resp.status_code in (301, 302, 303):
-                        method, body = ("GET" if method != "HEAD" else "HEAD"), b""
-                    continue
-                data = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    data += chunk
-                    if len(data) > MAX_FETCH_BYTES:
-                        raise ProxyCallError(
-                            "egress_response_too_large",
-                            f"responses are capped at {MAX_FETCH_BYTES} bytes",
-                        )
-                return {
-                    "status": resp.status_code,
-                    "headers": {k: v for k, v in resp.headers.items()},
-                }, bytes(data)
-            except httpx.HTTPError as exc:
-                raise ProxyCallError(
-                    "egress_failed", f"{type(exc).__name__}: {exc}"[:500]
-                ) from None
-            finally:
-                await resp.aclose()
-        raise ProxyCallError("egress_failed", "too many redirects")
+
+        async def fetch() -> tuple[dict[str, Any], bytes]:
+            nonlocal target, method, body
+            for _ in range(MAX_REDIRECTS + 1):
+                if not host_allowed(target, ctx.egress_allow):
+                    raise ProxyCallError(
+                        "egress_denied",
+                        f"egress to {target.netloc.decode()[:200]!r} is not allowed",
+                    )
+                try:
+                    req = self.client.build_request(
+                        method,
+                        target,
+                        headers=clean,
+                        content=body or None,
+                        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+                    )
+                    resp = await self.client.send(req, stream=True)
+                except (httpx.HTTPError, ValueError) as exc:
+                    if isinstance(exc.__cause__, egress.EgressBlocked):
+                        raise ProxyCallError("egress_denied", str(exc.__cause__)[:500]) from None
+                    raise ProxyCallError(
+                        "egress_failed", f"{type(exc).__name__}: {exc}"[:500]
+                    ) from None
+                try:
+                    if resp.is_redirect and "location" in resp.headers:
+                        target = _parse_url(resp.headers["location"], base=target)
+                        if resp.status_code in (301, 302, 303):
+                            method, body = ("GET" if method != "HEAD" else "HEAD"), b""
+                        continue
+                    data = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        data += chunk
+                        if len(data) > MAX_FETCH_BYTES:
+                            raise ProxyCallError(
+                                "egress_response_too_large",
+                                f"responses are capped at {MAX_FETCH_BYTES} bytes",
+                            )
+                    return {
+                        "status": resp.status_code,
+                        "headers": {k: v for k, v in resp.headers.items()},
+                    }, bytes(data)
+                except httpx.HTTPError as exc:
+                    raise ProxyCallError(
+                        "egress_failed", f"{type(exc).__name__}: {exc}"[:500]
+                    ) from None
+                finally:
+                    await resp.aclose()
+            raise ProxyCallError("egress_failed", "too many redirects")
+
+        # One deadline for the whole fetch, redirects and body included: httpx's
+        # timeout is per read, so an upstream sending a byte at a time would
+        # otherwise hold the call (and a connection) until the function's own
+        # timeout.
+        try:
+            async with asyncio.timeout(timeout):
+                return await fetch()
+        except TimeoutError:
+            raise ProxyCallError("egress_failed", f"no whole answer within {timeout:g} s") from None
 
     async def _invoke(
         self, ctx: CallContext, params: dict[str, Any], body: bytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,6 +90,18 @@ class _Upstream(BaseHTTPRequestHandler):
             self.send_header("Location", "http://127.0.0.1:notaport/")
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if self.path == "/slow":  # a byte every 0.2 s: each read is quick, the whole is not
+            self.send_response(200)
+            self.send_header("Content-Length", "50")
+            self.end_headers()
+            for _ in range(50):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
             return
         body = b"hello from upstream"
         self.send_response(200)

@@ -75,3 +75,26 @@ async def test_loopback_is_unreachable_even_when_allow_listed(
                 assert body["error"] == "egress_denied", (url, body)
                 assert "non-public" in body["message"], body
     shutil.rmtree(choose_jail_dir(settings.data_dir), ignore_errors=True)
+
+
+SLOW = """
+import time
+from nsfaas import ProxyError
+
+def handler(request, ctx):
+    t0 = time.monotonic()
+    try:
+        ctx.http.fetch("GET", request.query["url"], timeout=1)
+        return {"error": None}
+    except ProxyError as exc:
+        return {"error": exc.code, "s": round(time.monotonic() - t0, 1)}
+"""
+
+
+async def test_a_fetch_has_one_deadline_for_the_whole_answer(api: Api, upstream: int) -> None:
+    """httpx's timeout is per read: an upstream sending a byte every 0.2 s held
+    a fetch with timeout=1 until the function's own timeout."""
+    await api.deploy("slowfetch", SLOW, public=True, egress_allow=[f"127.0.0.1:{upstream}"])
+    r = await api.client.get("/fn/slowfetch", params={"url": f"http://127.0.0.1:{upstream}/slow"})
+    body = r.json()
+    assert body["error"] == "egress_failed" and body["s"] < 3, body
