@@ -332,7 +332,7 @@ async def delete_function(gw: Gateway, request: Request) -> Response:
     if gw.pool is not None:
         gw.pool.forget(f"{tenant}/{name}")
     if gw.invoker is not None:
-        await gw.invoker.forget_code(gone)  # no version uses them: their disk is freed
+        gw.invoker.forget_code(gone)  # no version uses them: their disk is freed
     return Response(status_code=204)
 
 

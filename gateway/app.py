@@ -166,6 +166,7 @@ class Gateway:
             on_logs=self.logbus.notify,
         )
         self.invoker.unavailable_reason = self.unavailable
+        await self.invoker.sweep_code()
         self._tasks.append(asyncio.create_task(self._retention_loop()))
         if s.examples_dir is not None:
             await deploy_examples(self, s.examples_dir)
@@ -200,6 +201,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.invoker is not None:
+            self.invoker.cancel_removals()  # the next start's sweep does them
         self.logbus.close()
         if self.pool is not None:
             await self.pool.aclose()

@@ -98,6 +98,7 @@ class Invoker:
         self._unpacked: set[str] = set()  # digests known to be on disk: no stat per call
         # Per function: (invocations in a row that ended at a limit, when the last did).
         self._strikes: dict[str, tuple[int, float]] = {}
+        self._removals: set[asyncio.Task[None]] = set()
 
     def throttled(self, fv: FunctionVersion) -> bool:
         """Whether this function is in the penalty box (see Settings.penalty_*)."""
@@ -162,14 +163,45 @@ class Invoker:
         self._unpacked.add(digest)
         return path
 
-    async def forget_code(self, digests: list[str]) -> None:
-        """Remove the unpacked code of versions that no longer exist."""
+    def forget_code(self, digests: list[str]) -> list[asyncio.Task[None]]:
+        """Remove the unpacked code of versions that no longer exist, once no
+        invocation that started before can still be using it (one that was
+        running or queued when its function was deleted finishes on its code)."""
+        grace = self.settings.queue_timeout_s + self.settings.max_timeout_s + 1.0
+        tasks = [asyncio.create_task(self._remove_code(d, grace)) for d in digests]
+        for task in tasks:
+            self._removals.add(task)
+            task.add_done_callback(self._removals.discard)
+        return tasks
+
+    async def _remove_code(self, digest: str, after_s: float) -> None:
+        await asyncio.sleep(after_s)
         if self.runner is None:
             return
-        for digest in digests:
+        async with self._code_locks.setdefault(digest, asyncio.Lock()):
+            if await self.store.digest_in_use(digest):
+                return  # the same code was uploaded again meanwhile
             self._unpacked.discard(digest)
-            self._code_locks.pop(digest, None)
             await asyncio.to_thread(self.runner.remove_code, digest)
+        self._code_locks.pop(digest, None)
+
+    async def sweep_code(self) -> None:
+        """At start: remove unpacked code no version uses (removals that a
+        stop or a crash cut short)."""
+        if self.runner is None:
+            return
+        root = self.runner.code_dir("0" * 64).parent
+        try:
+            names = await asyncio.to_thread(lambda: [p.name for p in root.iterdir()])
+        except OSError:
+            return
+        for name in names:
+            if len(name) == 64 and not await self.store.digest_in_use(name):
+                await asyncio.to_thread(self.runner.remove_code, name)
+
+    def cancel_removals(self) -> None:
+        for task in list(self._removals):
+            task.cancel()
 
     def pool_key(self, fv: FunctionVersion, *, throttled: bool = False) -> str:
         # A throttled function's workers have the smaller CPU quota in their

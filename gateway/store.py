@@ -465,6 +465,10 @@ class Store(abc.ABC):
         and the code blobs no other version refers to: their digests."""
 
     @abc.abstractmethod
+    async def digest_in_use(self, digest: str) -> bool:
+        """Whether any version of any function has this code."""
+
+    @abc.abstractmethod
     async def all_routes(self) -> list[RouteEntry]:
         """Every declared route of every active version, for the router."""
 

@@ -497,30 +497,51 @@ async def test_deeply_nested_json_is_a_400_not_a_500(api: Api) -> None:
     assert r.status_code == 200
 
 
-async def test_delete_and_recreate_does_not_grow_the_disk(api: Api) -> None:
+async def test_delete_and_recreate_does_not_grow_the_disk(tmp_path: Path) -> None:
     """The audit's loop: upload, delete, re-create. Each round used to leave its
-    blobs and unpacked code behind for good."""
-    data = api.settings.data_dir
-
-    def usage() -> int:
-        return sum(f.stat().st_size for f in data.rglob("*") if f.is_file() and "blobs" in f.parts)
-
-    sizes = []
-    for round_ in range(3):
-        for v in range(2):
-            src = f"PAD = {'x' * 50_000!r}\ndef handler(r, c):\n    return '{round_}.{v}'\n"
-            await api.deploy("churn", src, public=True)
-        r = await api.client.get("/fn/churn")
-        assert r.text == f"{round_}.1"
-        r = await api.client.delete("/api/v1/functions/churn", headers=api.auth())
-        assert r.status_code == 204
-        sizes.append(usage())
-    assert sizes[-1] <= sizes[0], sizes
+    blobs and unpacked code behind for good. Blobs go at once; unpacked code
+    once no invocation that started before the delete can still be running
+    (queue wait + the longest timeout), and an invocation in flight during the
+    delete finishes on its own code."""
+    from gateway.app import create_app
     from jail import choose_jail_dir
 
+    from .conftest import make_settings
+
+    settings = make_settings(
+        tmp_path / "data", queue_timeout_s=0.5, max_timeout_s=2.0, default_timeout_s=2.0
+    )
+    app = create_app(settings)
+    data = settings.data_dir
     code = choose_jail_dir(data) / "code"
-    assert code.is_dir()  # where the unpacked versions were
-    assert [p.name for p in code.iterdir() if len(p.name) == 64] == []
+
+    def blob_bytes() -> int:
+        return sum(f.stat().st_size for f in (data / "blobs").rglob("*") if f.is_file())
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            api = Api(c, settings, app)
+            sizes = []
+            for round_ in range(3):
+                for v in range(2):
+                    src = (
+                        f"import time\nPAD = {'x' * 50_000!r}\n"
+                        f"def handler(r, c):\n    time.sleep(float(r.query.get('s', 0)))\n"
+                        f"    import os\n    return '{round_}.{v}' + str(len(os.listdir('/function')))\n"
+                    )
+                    await api.deploy("churn", src, public=True)
+                slow = asyncio.create_task(c.get("/fn/churn", params={"s": "1"}))
+                await asyncio.sleep(0.4)  # it runs: now delete under it
+                r = await c.delete("/api/v1/functions/churn", headers=api.auth())
+                assert r.status_code == 204
+                r = await slow
+                assert (r.status_code, r.text[:3]) == (200, f"{round_}.1"), r.text
+                assert r.text[3:] != "0", "its code was removed under it"
+                sizes.append(blob_bytes())
+            assert sizes[-1] <= sizes[0], sizes
+            await asyncio.sleep(0.5 + 2.0 + 1.5)  # the grace before unpacked code goes
+            assert [p.name for p in code.iterdir() if len(p.name) == 64] == []
 
 
 async def test_archive_base64_as_tools_write_it(api: Api) -> None:
@@ -540,3 +561,28 @@ async def test_archive_base64_as_tools_write_it(api: Api) -> None:
         )
         assert r.status_code == 201, (i, r.text)
         assert (await api.client.get(f"/fn/b64-{i}")).text == "zipped"
+
+
+async def test_code_no_version_uses_is_swept_at_start(tmp_path: Path) -> None:
+    """Removals a stop (or a crash) cut short are done by the next start."""
+    from gateway.app import create_app
+    from jail import choose_jail_dir
+
+    from .conftest import make_settings
+
+    settings = make_settings(tmp_path / "data")
+    code = choose_jail_dir(settings.data_dir) / "code"
+    stray = code / ("f" * 64)
+    for run in range(2):
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                api = Api(c, settings, app)
+                if run == 0:
+                    await api.deploy("kept", "def handler(r, c):\n    return 'kept'\n")
+                    assert (await c.get("/fn/kept", headers=api.auth())).text == "kept"
+                    live = [p.name for p in code.iterdir() if len(p.name) == 64]
+                    stray.mkdir()  # as if a removal had been cut short
+    assert not stray.exists()  # swept by the second start
+    assert [p.name for p in code.iterdir() if len(p.name) == 64] == live  # in use: kept
