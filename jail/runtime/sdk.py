@@ -437,8 +437,10 @@ def _header_name(name: Any) -> str:
 def _header_value(value: Any) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)  # e.g. {"X-Count": 3}
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return str(value)
     raise TypeError(f"header values must be str or numbers, not {type(value).__name__}")
 
 

@@ -16,6 +16,7 @@ BAD = {
     "infinity": ("return [1, float('inf')]", "Out of range float"),
     "bytes_header_name": ("return ('x', 200, {b'X-A': 'b'})", "header names must be str"),
     "bytes_header_value": ("return ('x', 200, {'X-A': b'b'})", "header values must be str"),
+    "nan_header_value": ("return ('x', 200, {'X-B': float('nan')})", "header values must be"),
     "65_headers": ("return ('x', 200, {f'X-{i}': 'v' for i in range(65)})", "at most 64"),
     "raising_items": (
         "class D(dict):\n        def items(self):\n            raise KeyError('boom')\n"
