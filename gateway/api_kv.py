@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -12,7 +12,7 @@ from starlette.routing import Route
 from jail.proxy import ProxyCallError
 
 from .errors import ApiError
-from .http import query_int, read_body
+from .http import path_is_utf8, query_int, read_body
 from .proxy_api import MAX_VALUE_BYTES, check_key, decode_value, encode_value
 from .store import NotFound, QuotaExceeded
 
@@ -37,15 +37,8 @@ async def _tenant(gw: Gateway, request: Request) -> str:
 
 def _key(request: Request) -> str:
     key: str = request.path_params["key"]
-    # The server percent-decodes the path with errors="replace": %FF and
-    # %ED%A0%80 (a surrogate) would both arrive as U+FFFD and share one key.
-    # Only the raw path tells them from a real U+FFFD (%EF%BF%BD).
-    raw = request.scope.get("raw_path")
-    if "\ufffd" in key and isinstance(raw, bytes):
-        try:
-            unquote_to_bytes(raw.partition(b"?")[0]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "invalid_key", "a key must be UTF-8 once percent-decoded") from None
+    if "\ufffd" in key and not path_is_utf8(request):  # two keys would be one
+        raise ApiError(400, "invalid_key", "a key must be UTF-8 once percent-decoded")
     try:
         return check_key(key)
     except ProxyCallError as exc:

@@ -7,7 +7,6 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,7 +31,7 @@ from .errors import (
     http_error_handler,
     unhandled_error_handler,
 )
-from .http import DEFAULT_TENANT, ByteBudget, Principal, read_body, require
+from .http import DEFAULT_TENANT, ByteBudget, Principal, path_is_utf8, read_body, require
 from .invoke import Call, Invoker, new_invocation_id, to_http
 from .logbus import LogBus
 from .metrics import Metrics
@@ -213,17 +212,6 @@ class Gateway:
         await self.store.aclose()
 
 
-def _utf8_path(request: Request) -> bool:
-    raw = request.scope.get("raw_path")
-    if not isinstance(raw, bytes):
-        return True
-    try:
-        unquote_to_bytes(raw.partition(b"?")[0]).decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def create_app(settings: Settings) -> Starlette:
     gw = Gateway(settings)
 
@@ -304,9 +292,8 @@ def create_app(settings: Settings) -> Starlette:
                 f"request line and headers exceed {settings.max_header_bytes} bytes",
                 invocation_id=new_invocation_id(),
             )
-        if "\ufffd" in path and not _utf8_path(request):
-            # The server decodes %FF (and an encoded surrogate) to U+FFFD: two
-            # different paths would reach the function as one.
+        if "\ufffd" in path and not path_is_utf8(request):
+            # Two different paths would reach the function as one.
             return error_response(
                 400,
                 "invalid_path",

@@ -9,11 +9,13 @@ import re
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from jail.result import not_strict_json
 from jail.runtime import _frames
 
 from .errors import ApiError
@@ -95,6 +97,20 @@ class ByteBudget:
         self.used = max(0, self.used - n)
 
 
+def path_is_utf8(request: Request) -> bool:
+    """Whether the raw path is UTF-8 once percent-decoded. The server decodes
+    it with errors="replace": %FF and %ED%A0%80 (a surrogate) both arrive as
+    U+FFFD, so only the raw path tells them from a real U+FFFD (%EF%BF%BD)."""
+    raw = request.scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        return True
+    try:
+        unquote_to_bytes(raw.partition(b"?")[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 BODY_TIMEOUT_S = 30.0
 
 
@@ -155,9 +171,6 @@ async def _receive(
         chunks.append(chunk)
 
 
-# Lone UTF-16 surrogates: json.loads turns a "\ud800" escape into one, but no UTF-8 text
-# (a response, SQLite, a jail's environment) can hold it.
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 # Query-string numbers are ASCII only: int() and float() also read other scripts' digits
 # ("\u0668\u0660" is 80), "1_000", "inf" and "nan", none of which a client means.
 _ASCII_INT = re.compile(r"[0-9]{1,18}")  # 18 digits: always within SQLite's int64
@@ -177,29 +190,10 @@ def parse_json(body: bytes) -> Any:
         value = _frames.loads(body)  # json.loads, with too-deep nesting a ValueError too
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-    problem = _unencodable(value)
+    problem = not_strict_json(value)
     if problem is not None:
         raise ApiError(400, "invalid_json", f"request body holds {problem}")
     return value
-
-
-def _unencodable(value: Any) -> str | None:
-    # Iterative: _frames.loads bounds the depth, but a walk need not spend the stack on it.
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            # isascii() is O(1) in CPython: a large base64 archive skips the scan.
-            if not item.isascii() and _SURROGATE.search(item):
-                return "a lone UTF-16 surrogate (\\ud800-\\udfff), which UTF-8 cannot encode"
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, float) and not math.isfinite(item):
-            return "NaN or Infinity, which JSON does not allow"
-    return None
 
 
 def parse_json_object(body: bytes, fields: Collection[str]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import secrets
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from .result import not_strict_json
 from .runtime import _frames
 
 log = structlog.get_logger("nsfaas.proxy")
@@ -60,36 +60,6 @@ class ProxyCallError(Exception):
 ProxyHandler = Callable[
     [CallContext, str, dict[str, Any], bytes], Awaitable[tuple[dict[str, Any], bytes]]
 ]
-
-
-def _not_json(value: Any) -> str | None:
-    """Why a parsed header is not strict JSON (RFC 8259), or None.
-
-    Python's parser accepts two things that break whatever the value reaches
-    next: a lone surrogate written as an escape ("\\ud800"), which no UTF-8
-    codec or SQLite text column takes, and NaN or Infinity, which JSON
-    renderers (the logs API's among them) refuse. Refused here, at the edge,
-    rather than in each method. Iterative: a header nests as deep as the
-    parser allows.
-    """
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return "strings must not hold lone surrogates"
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                return "NaN and Infinity are not JSON"
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
 
 
 def _error_head(call_id: int, code: str, message: str) -> dict[str, Any]:
@@ -195,7 +165,7 @@ class HostProxy:
             )
         elif not isinstance(method, str) or not isinstance(params, dict):
             await self._reply(writer, call_id, error=("bad_request", "method and params required"))
-        elif (why := _not_json(header)) is not None:
+        elif (why := not_strict_json(header)) is not None:
             await self._reply(writer, call_id, error=("bad_request", why))
         elif ctx is None:
             await self._reply(writer, call_id, error=("no_invocation", "no invocation is running"))

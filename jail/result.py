@@ -111,6 +111,35 @@ def jail_header(raw: bytes) -> dict[str, Any]:
     return header
 
 
+def not_strict_json(value: Any) -> str | None:
+    """Why a parsed JSON value is not strict JSON (RFC 8259), or None.
+
+    Python's parser accepts two things that break whatever the value reaches
+    next: a lone surrogate written as an escape ("\\ud800"), which no UTF-8
+    codec or SQLite text column takes, and NaN or Infinity, which JSON
+    renderers refuse. Iterative: a value nests as deep as the parser allows.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            # isascii() is O(1) in CPython: a large base64 archive skips the scan.
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "a lone UTF-16 surrogate (\\ud800-\\udfff), which UTF-8 cannot encode"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "NaN or Infinity, which JSON does not allow"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def clean_text(text: str) -> str:
     """``text`` without lone surrogates (each becomes U+FFFD)."""
     try:
