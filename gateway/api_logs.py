@@ -21,6 +21,7 @@ from jail import OUTCOMES
 from .api_functions import check_name
 from .errors import ApiError
 from .http import parse_number, query_bool, query_choice, query_int, query_single
+from .logbus import TooManyTails
 from .store import LOG_LEVELS, InvocationRecord, LogLine, NotFound
 
 if TYPE_CHECKING:
@@ -148,8 +149,15 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
                 f"follow streams the lines stored from now on; {', '.join(ignored)} "
                 "cannot apply to it (page with them without follow)",
             )
+        stream = _follow(gw, request, tenant, name, level, text)
+        try:
+            gw.logbus.follow((tenant, name), stream)
+        except TooManyTails as exc:
+            raise ApiError(
+                429, "too_many_tails", f"{exc}: close one first", headers={"Retry-After": "5"}
+            ) from None
         return StreamingResponse(
-            _follow(gw, request, tenant, name, level, text),
+            stream,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -182,8 +190,9 @@ async def _follow(
     gw: Gateway, request: Request, tenant: str, name: str, level: str | None, text: str | None
 ) -> AsyncIterator[str]:
     """SSE: lines stored after the client connected, until it leaves."""
+    scope = (tenant, name)
     after = await gw.store.last_log_id()  # ids only grow: everything newer is "after"
-    seen = gw.logbus.generation
+    seen = gw.logbus.generation(scope)
     yield ": following\n\n"
     while not gw.logbus.closed:
         if await request.is_disconnected():
@@ -196,7 +205,7 @@ async def _follow(
             yield f"id: {line.id}\nevent: log\ndata: {json.dumps(line_json(line))}\n\n"
         if len(lines) == 500:
             continue
-        new = await gw.logbus.wait(seen, FOLLOW_POLL_S)
+        new = await gw.logbus.wait(scope, seen, FOLLOW_POLL_S)
         if new == seen:
             try:  # a quiet moment: is there still a function to follow?
                 await gw.store.get_function(tenant, name)

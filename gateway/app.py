@@ -33,7 +33,7 @@ from .errors import (
 )
 from .http import DEFAULT_TENANT, ByteBudget, Principal, path_is_utf8, read_body, require
 from .invoke import Call, Invoker, new_invocation_id, to_http
-from .logbus import LogBus
+from .logbus import LogBudget, LogBus
 from .metrics import Metrics
 from .middleware import INVOCATION, RequestContextMiddleware
 from .proxy_api import ProxyService
@@ -52,7 +52,11 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.logbus = LogBus()
+        self.logbus = LogBus(
+            max_tails=settings.max_log_tails,
+            max_tails_per_tenant=settings.max_log_tails_per_tenant,
+        )
+        self.log_budget = LogBudget(settings.log_rate_bytes, settings.log_burst_bytes)
         self.scheduler = Scheduler(
             max_concurrency=settings.max_concurrency,
             function_concurrency=settings.function_concurrency,
@@ -163,6 +167,7 @@ class Gateway:
             scheduler=self.scheduler,
             metrics=self.metrics,
             on_logs=self.logbus.notify,
+            log_budget=self.log_budget,
         )
         self.invoker.unavailable_reason = self.unavailable
         await self.invoker.sweep_code()

@@ -39,6 +39,16 @@ class Settings:
     max_response_bytes: int = 6 * 1024 * 1024
     max_log_bytes: int = 1024 * 1024
     max_log_lines: int = 5000
+    # What a tenant's functions may store in logs, all together (a token bucket:
+    # this much per second, up to log_burst_bytes at once). Storing and indexing
+    # a line costs the gateway far more than printing it costs a function (~130
+    # ms of CPU per MB of text): past the budget, lines are dropped and counted.
+    # 0: no budget.
+    log_rate_bytes: int = 1024 * 1024
+    log_burst_bytes: int = 8 * 1024 * 1024
+    # Live tails (logs?follow=1) open at once: in all, and per tenant.
+    max_log_tails: int = 256
+    max_log_tails_per_tenant: int = 16
     # Uploads (every version is kept: these bound the disk a tenant can use).
     max_upload_bytes: int = 10 * 1024 * 1024
     max_functions_per_tenant: int = 200

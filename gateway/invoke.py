@@ -18,6 +18,7 @@ from jail.pool import WarmPool
 
 from .config import Settings
 from .errors import error_response
+from .logbus import LogBudget, line_size
 from .metrics import Metrics
 from .scheduler import Rejected, Scheduler
 from .store import FunctionVersion, InvocationRecord, NewLogLine, Store
@@ -83,8 +84,9 @@ class Invoker:
         pool: WarmPool | None,
         scheduler: Scheduler,
         metrics: Metrics,
-        on_logs: Callable[[], None] = lambda: None,
+        on_logs: Callable[[list[tuple[str, str]]], None] = lambda scopes: None,
         proxy_dir_for: Callable[[str], Any] | None = None,
+        log_budget: LogBudget | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -93,6 +95,7 @@ class Invoker:
         self.scheduler = scheduler
         self.metrics = metrics
         self.on_logs = on_logs
+        self.log_budget = log_budget
         self.unavailable_reason: str | None = None
         self._code_locks: dict[str, asyncio.Lock] = {}
         self._unpacked: set[str] = set()  # digests known to be on disk: no stat per call
@@ -329,6 +332,30 @@ class Invoker:
             )
             for e in result.logs
         ]
+        truncated = result.logs_truncated
+        if lines and self.log_budget is not None:
+            kept = self.log_budget.take(record.tenant_id, [line_size(x) for x in lines])
+            if kept < len(lines):
+                dropped = len(lines) - kept
+                del lines[kept:]
+                s = self.settings
+                lines.append(
+                    NewLogLine(
+                        ts=time.time(),
+                        invocation_id=record.id,
+                        tenant_id=record.tenant_id,
+                        function=record.function,
+                        level="warning",
+                        message=(
+                            f"[nsfaas] {dropped} log lines dropped: this tenant's functions "
+                            f"logged more than {s.log_rate_bytes} bytes per second "
+                            f"(bursts up to {s.log_burst_bytes})"
+                        ),
+                        fields={"dropped": dropped, "stream": "runtime"},
+                    )
+                )
+                self.metrics.log_lines_dropped.inc(dropped)
+                truncated = True
         if throttled:
             s = self.settings
             lines.insert(
@@ -371,7 +398,7 @@ class Invoker:
             start=result.start if result.outcome not in ("rejected", "jail_failure") else None,
             response_bytes=len(result.body),
             log_lines=len(lines),
-            logs_truncated=result.logs_truncated,
+            logs_truncated=truncated,
             error_type=result.error_type,
             error_message=result.error_message,
             limit_name=result.limit_name,
@@ -387,7 +414,7 @@ class Invoker:
         await self.store.finish_invocation(final, lines[last:], alone=alone)
         await inserted.written()  # done by now (or replaced by the finish while queued)
         if lines:
-            self.on_logs()
+            self.on_logs([(record.tenant_id, record.function)])
 
         def report() -> None:
             self.metrics.invocations.labels(record.function, result.outcome).inc()
@@ -440,9 +467,11 @@ def to_http(result: JailResult, inv_id: str, *, head: bool = False) -> Response:
     """The HTTP answer for an invocation outcome."""
     if result.outcome == "ok":
         assert result.status is not None
-        # 204 and 304 never carry a body (HTTP/1.1 framing): it is dropped.
+        # 204 and 304 never carry a body (HTTP/1.1 framing): it is dropped; a
+        # 205 has none either, but says so (Content-Length: 0, RFC 9110 §15.3.6).
         bodiless = result.status in (204, 304)
-        resp = Response(b"" if head or bodiless else result.body, status_code=result.status)
+        empty = head or bodiless or result.status == 205
+        resp = Response(b"" if empty else result.body, status_code=result.status)
         if bodiless:
             del resp.headers["content-length"]
         elif head:  # what a GET would carry (RFC 9110 §9.3.2)

@@ -17,6 +17,7 @@ import httpx
 from jail.proxy import CallContext, ProxyCallError
 
 from . import egress
+from .logbus import line_size
 from .store import LOG_LEVELS, Conflict, NewLogLine, NotFound, QuotaExceeded
 
 if TYPE_CHECKING:
@@ -191,26 +192,28 @@ class ProxyService:
             or not isinstance(fields, dict)
         ):
             raise ProxyCallError("bad_request", "log needs level, message and fields")
-        # The same per-invocation caps as the log pipe: count here, refuse past them.
+        line = NewLogLine(
+            ts=time.time(),
+            invocation_id=ctx.invocation_id,
+            tenant_id=ctx.tenant,
+            function=ctx.function,
+            level=level,
+            message=message[:16384],
+            fields=fields,
+        )
+        # The same per-invocation caps as the log pipe, where a line's bytes are
+        # its whole JSON (fields too): count here, refuse past them.
         lines = int(ctx.extra.get("log_lines", 0)) + 1
-        size = int(ctx.extra.get("log_bytes", 0)) + len(message)
+        size = int(ctx.extra.get("log_bytes", 0)) + line_size(line)
         if lines > self.gw.settings.max_log_lines or size > self.gw.settings.max_log_bytes:
             raise ProxyCallError("log_limit", "this invocation's log limit is reached")
+        if not self.gw.log_budget.take(ctx.tenant, [line_size(line)]):
+            raise ProxyCallError(
+                "log_limit", "this tenant's functions are over their log budget: try later"
+            )
         ctx.extra["log_lines"], ctx.extra["log_bytes"] = lines, size
-        await self.gw.store.append_logs(
-            [
-                NewLogLine(
-                    ts=time.time(),
-                    invocation_id=ctx.invocation_id,
-                    tenant_id=ctx.tenant,
-                    function=ctx.function,
-                    level=level,
-                    message=message[:16384],
-                    fields=fields,
-                )
-            ]
-        )
-        self.gw.logbus.notify()
+        await self.gw.store.append_logs([line])
+        self.gw.logbus.notify([(ctx.tenant, ctx.function)])
         return {}, b""
 
     async def _fetch(

@@ -35,6 +35,9 @@ class Cgroups:
 SLOT_PREFIX = "slot-"
 JAILS_CPU_SHARES = 512  # v1; a task of the gateway weighs 1024
 JAILS_CPU_WEIGHT = 50  # v2; the default weight is 100
+# A call that runs longer than LONG_CALL_S (see Worker) yields contended CPU to
+# the short ones: its slot's weight is divided by this while it runs.
+LONG_CALL_WEIGHT_DIVISOR = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,13 @@ def cpu_weight(cpu_ms_per_sec: int, *, version: int) -> int:
     if version == 2:
         return max(1, min(10000, round(100 * cpu_ms_per_sec / 1000)))
     return max(2, round(1024 * cpu_ms_per_sec / 1000))
+
+
+def long_call_weight(cpu_ms_per_sec: int, *, version: int) -> int:
+    """The weight of a slot whose call has run long: a small fraction of its
+    usual one, so under contention it runs on what the short calls leave."""
+    usual = cpu_weight(cpu_ms_per_sec, version=version)
+    return max(1 if version == 2 else 2, usual // LONG_CALL_WEIGHT_DIVISOR)
 
 
 class SlotPool:
@@ -82,6 +92,7 @@ class SlotPool:
         self._counter_fds: dict[str, tuple[int, int]] = {}
         # What each slot is set to: a slot reused with the same limits needs no writes.
         self._limits: dict[str, SlotLimits] = {}
+        self._long: dict[str, SlotLimits] = {}  # slots at their long-call weight
 
     def dirs(self, name: str) -> list[Path]:
         if self.groups.version == 2:
@@ -125,6 +136,29 @@ class SlotPool:
         """Set a busy slot's limits."""
         self._configure(name, limits)
 
+    def set_long_call(self, name: str, long: bool) -> None:
+        """Lower a slot's CPU weight while its call runs long, or restore it.
+
+        The quota still caps the slot; the weight only decides who runs first
+        when the CPUs are contended. A slot whose weight is not its limits' one
+        is forgotten as configured, so the next ``configure`` writes it again
+        even if a restore failed.
+        """
+        lim = self._limits.get(name) if long else self._long.pop(name, None)
+        if lim is None:
+            return
+        v = self.groups.version
+        weight = (long_call_weight if long else cpu_weight)(lim.cpu_ms_per_sec, version=v)
+        if long:
+            self._limits.pop(name, None)
+            self._long[name] = lim
+        if v == 2:
+            _write(self.groups.root / name / "cpu.weight", weight)
+        else:
+            _write(self.groups.root / "cpu" / self.groups.parent / name / "cpu.shares", weight)
+        if not long:
+            self._limits[name] = lim
+
     def kill_all_but(
         self, name: str, keep: set[int], *, unless: Callable[[], bool] | None = None
     ) -> int:
@@ -167,6 +201,7 @@ class SlotPool:
         if self._limits.get(name) == lim:
             return
         self._limits.pop(name, None)  # unknown until every write below has landed
+        self._long.pop(name, None)
         self._write_limits(name, lim)
         self._limits[name] = lim
 
@@ -241,6 +276,7 @@ class SlotPool:
 
     def _remove(self, name: str) -> None:
         self._limits.pop(name, None)
+        self._long.pop(name, None)
         for fd in self._counter_fds.pop(name, ()):
             os.close(fd)
         for d in self.dirs(name):

@@ -43,6 +43,10 @@ from .spawn import Process, spawn
 NSJAIL_LOG_CAP = 64 * 1024
 CLOSE_GRACE_S = 1.0
 CANCEL_GRACE_S = 0.5  # for the zygote to kill a timed-out child and report its exit
+# A call still running after this long yields contended CPU to shorter ones
+# (its slot's CPU weight drops until it ends; cgroups.set_long_call): a CPU
+# loop or fork bomb then runs on what the quick calls leave, not beside them.
+LONG_CALL_S = 0.05
 EXIT_GRACE_S = 0.5  # after a whole answer, a child has this long to exit before SIGKILL
 START_EXIT_GRACE_S = 0.5  # for nsjail to exit once the runtime died while loading
 MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
@@ -387,6 +391,7 @@ class Worker:
         self._loading = False  # the runtime said it is importing the function
         self._single_use: Any = None  # why this worker may serve one invocation only
         self._death: tuple[int, int] | None = None  # (nsjail exit, OOM kills) if it died loading
+        self._long_call = False  # the slot is at its long-call weight
 
     @property
     def nsjail_log(self) -> str:
@@ -600,6 +605,7 @@ class Worker:
             )
         run: _ChildRun | None = None
         writing: asyncio.Task[None] | None = None
+        long_call = asyncio.get_running_loop().call_later(LONG_CALL_S, self._set_long_call, True)
         try:
             async with asyncio.timeout(budget):
                 n = await self._next_child()
@@ -625,6 +631,9 @@ class Worker:
             await self.aclose(kill=True)
             raise
         finally:
+            long_call.cancel()
+            if self._long_call:
+                self._set_long_call(False)
             if self.proxy is not None:
                 self.proxy.end()
             if writing is not None and not writing.done():
@@ -717,8 +726,12 @@ class Worker:
         """Take everything already written to the children's outputs."""
         if not self._outputs:
             return
-        ready, _, _ = select.select(list(self._outputs), [], [], 0)  # one syscall, not four
-        for fd in ready:
+        # One syscall, not four; poll, not select: select fails on fds past 1023,
+        # which a busy gateway's pipes reach.
+        poller = select.poll()
+        for fd in self._outputs:
+            poller.register(fd, select.POLLIN)
+        for fd, _ev in poller.poll(0):
             name = self._outputs[fd]
             for _ in range(64):  # bounded: a full pipe holds 64 KiB
                 try:
@@ -824,6 +837,12 @@ class Worker:
             ctl.waiters.append(event)
             run.waiters.append(event)
             await event
+
+    def _set_long_call(self, long: bool) -> None:
+        self._long_call = long
+        if self.slot is not None and not self._closed:
+            with contextlib.suppress(OSError):  # the slot's next configure rewrites it
+                self.config.slots.set_long_call(self.slot, long)
 
     def _ensure_exit(self, n: int) -> None:
         self._exit_check = None

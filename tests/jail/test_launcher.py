@@ -9,9 +9,10 @@ import tempfile
 from pathlib import Path
 
 from jail import JailRunner, Limits
-from jail.cgroups import SlotLimits
+from jail.cgroups import SlotLimits, cpu_weight, long_call_weight
 from jail.launcher import Launchers
-from tests.jailtest import describe, invocation, make_deploy
+from jail.worker import LONG_CALL_S
+from tests.jailtest import Jail, describe, invocation, make_deploy
 
 BOMB = "def handler(request, ctx):\n    x = bytearray(200 << 20)\n    return len(x)\n"
 HELLO = "def handler(request, ctx):\n    return {'hello': request.text()}\n"
@@ -95,3 +96,50 @@ def test_a_slots_cpu_weight_follows_its_quota(runner: JailRunner) -> None:
                 assert int(path.read_text()) == v1, (ms, path)
         finally:
             slots.release(slot)
+
+
+def _weight_file(runner: JailRunner, slot: str) -> Path:
+    groups = runner.config.slots.groups
+    if groups.version == 2:
+        return groups.root / slot / "cpu.weight"
+    return groups.root / "cpu" / groups.parent / slot / "cpu.shares"
+
+
+async def test_a_long_call_yields_the_cpu_until_it_ends(jail: Jail) -> None:
+    """A call that runs past LONG_CALL_S drops its slot to a small fraction of
+    its weight (a CPU loop runs on what the quick calls leave); the weight is
+    back when the call ends, and a quick call never changes it."""
+    busy = (
+        "import time\n"
+        "def handler(r, c):\n"
+        "    end = time.monotonic() + float(r.body or b'0')\n"
+        "    while time.monotonic() < end:\n"
+        "        pass\n"
+        "    return 'done'\n"
+    )
+    worker = await jail.worker(busy, limits=Limits(timeout_s=5, cpu_ms_per_sec=500))
+    assert worker.slot is not None
+    path = _weight_file(jail.runner, worker.slot)
+    version = jail.runner.config.slots.groups.version
+    normal = cpu_weight(500, version=version)
+    assert int(path.read_text()) == normal
+    assert long_call_weight(500, version=version) < normal // 16
+
+    quick = await worker.invoke(invocation(b"0"), start="warm")
+    assert quick.outcome == "ok", describe(quick)
+    assert int(path.read_text()) == normal
+
+    long = asyncio.create_task(worker.invoke(invocation(b"0.6"), start="warm"))
+    await asyncio.sleep(LONG_CALL_S + 0.25)
+    assert int(path.read_text()) == long_call_weight(500, version=version)
+    result = await long
+    assert result.outcome == "ok" and result.body == b"done", describe(result)
+    assert int(path.read_text()) == normal
+
+    # A CPU loop killed at its timeout gives the weight back too, and the
+    # worker's next call runs at the usual weight.
+    loop = await worker.invoke(invocation(b"60"), start="warm")
+    assert loop.outcome == "timeout", describe(loop)
+    assert int(path.read_text()) == normal
+    after = await worker.invoke(invocation(b"0"), start="warm")
+    assert after.outcome == "ok" and after.body == b"done", describe(after)
