@@ -97,11 +97,7 @@ def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
         raise ApiError(400, "invalid_routes", "routes must be a list of strings like 'GET /path'")
     if len(routes) > MAX_ROUTES:
         raise ApiError(400, "invalid_routes", f"at most {MAX_ROUTES} routes per function")
-    for r in routes:
-        try:
-            parse_route(r)
-        except ValueError as exc:
-            raise ApiError(400, "invalid_routes", str(exc)) from None
+    _check_routes(routes)
     timeout = opts.get("timeout_s", s.default_timeout_s)
     if (
         isinstance(timeout, bool)
@@ -155,6 +151,14 @@ def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
         egress_allow=tuple(h.lower() for h in egress),
         entrypoint=entrypoint,
     )
+
+
+def _check_routes(routes: list[str]) -> None:
+    for r in routes:
+        try:
+            parse_route(r)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_routes", str(exc)) from None
 
 
 def _egress_ok(entry: object) -> bool:
@@ -374,6 +378,10 @@ async def rollback(gw: Gateway, request: Request) -> Response:
     except NotFound:
         raise ApiError(404, "function_not_found", f"no function named {name!r}") from None
     try:
+        target = await gw.store.get_version(tenant, name, version)
+        # A version stored before a route rule (gateway/store.py parse_route)
+        # existed must not bring back what the rule now refuses.
+        _check_routes(list(target.config.routes))
         fv = await gw.store.rollback(tenant, name, version)
     except NotFound:
         raise ApiError(404, "version_not_found", f"{name!r} has no version {version}") from None

@@ -271,7 +271,9 @@ def create_app(settings: Settings) -> Starlette:
         return await _invoke(request, fv.tenant_id, name, sub, {})
 
     async def invoke_declared(request: Request) -> Response:
-        path = request.url.path
+        # The raw path, not request.url.path: URL parsing drops tabs and newlines,
+        # so /exact%0A would be served by the /exact route.
+        path = request.scope.get("root_path", "") + request.scope["path"]
         if path.startswith(RESERVED):
             # A known API path with another method is a 405, not "no route".
             for route in app.routes[:-1]:

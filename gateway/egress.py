@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
+from http.cookiejar import Cookie, CookieJar, CookiePolicy
 from typing import Any
 
 import httpcore
@@ -98,10 +99,38 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+class _RefuseAll(CookiePolicy):
+    """Keeps no cookie and sends none.
+
+    The client is shared by every function of every tenant, and httpx's jar
+    lives as long as the client: a cookie one tenant's upstream set would go
+    out on another tenant's fetches to that host (a session leak, or session
+    fixation the other way). A fetch carries only the headers its function
+    passed; a function that wants a session keeps its cookies itself.
+    """
+
+    netscape = True
+    rfc2965 = False
+    hide_cookie2 = True
+
+    def set_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+    def return_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: object) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: object) -> bool:
+        return False
+
+
 def client(private: str = "") -> httpx.AsyncClient:
     """The gateway's client for ctx.http.fetch: no proxies from the environment,
     no redirects of its own (each hop is checked against the allow-list first),
-    and every connection through the address check above."""
+    no cookie jar (see _RefuseAll), and every connection through the address
+    check above."""
     transport = httpx.AsyncHTTPTransport(trust_env=False)
     transport._pool = httpcore.AsyncConnectionPool(  # the one hook httpx lacks
         ssl_context=httpx.create_ssl_context(trust_env=False),
@@ -110,4 +139,9 @@ def client(private: str = "") -> httpx.AsyncClient:
         keepalive_expiry=5.0,
         network_backend=_GuardedBackend(parse_networks(private)),
     )
-    return httpx.AsyncClient(follow_redirects=False, trust_env=False, transport=transport)
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,
+        transport=transport,
+        cookies=CookieJar(policy=_RefuseAll()),
+    )

@@ -49,13 +49,29 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     detail: dict[str, Any] | None = None,
 ) -> Response:
-    body: dict[str, Any] = {"code": code, "message": message, "invocation_id": invocation_id}
-    if detail:
-        body["detail"] = detail
     hdrs = dict(headers or {})
     if invocation_id:
         hdrs["X-Invocation-Id"] = invocation_id
-    return JSONResponse({"error": body}, status_code=status, headers=hdrs)
+    return JSONResponse(
+        error_document(code, message, invocation_id=invocation_id, detail=detail),
+        status_code=status,
+        headers=hdrs,
+    )
+
+
+def error_document(
+    code: str,
+    message: str,
+    *,
+    invocation_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON of every API error; also written by the HTTP edge
+    (gateway/httpproto.py), which answers before there is an app to ask."""
+    body: dict[str, Any] = {"code": code, "message": message, "invocation_id": invocation_id}
+    if detail:
+        body["detail"] = detail
+    return {"error": body}
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:

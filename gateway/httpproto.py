@@ -31,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .config import SettingsError
+from .errors import error_document
 
 log = structlog.get_logger("nsfaas.gateway")
 
@@ -75,6 +76,7 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         self._overflow = False  # a callback stopped the parser for the cap
         self._in_head = True  # between messages or before headers complete
         self._refused = False
+        self._pending: bytes | None = None  # an error answer waiting for the answer before it
         self._linger: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None
 
@@ -125,13 +127,11 @@ class HeaderLimitProtocol(HttpToolsProtocol):
                 else:
                     self._unsupported_upgrade_warning()
                 return
-            except httptools.HttpParserError:
+            except httptools.HttpParserError as exc:
                 if self._overflow:
                     self._refuse()
                     return
-                msg = "Invalid HTTP request received."
-                self.logger.warning(msg)
-                self.send_400_response(msg)
+                self._bad_request(str(exc))
                 return
             if not self._progressed:
                 self._idle_bytes += len(piece)
@@ -193,31 +193,78 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def _refuse(self) -> None:
-        self._refused = True
         log.warning(
             "headers_too_large",
             client=self.client[0] if self.client else None,
             limit=self.max_header_bytes,
         )
-        if not self._in_head or (self.cycle is not None and not self.cycle.response_complete):
-            # Trailers, or a pipelined head behind a response still being
-            # written: a 431 now would answer the wrong request. Drop the
-            # connection instead; the app sees a disconnect.
+        if not self._in_head:
+            # Trailers: the request is already with the app, so a 431 now
+            # would answer it twice. Drop the connection; the app sees a
+            # disconnect.
+            self._refused = True
             self.transport.close()
             return
-        self.transport.write(self._431())
+        self._answer_and_close(
+            431,
+            "headers_too_large",
+            f"request line and headers exceed {self.max_header_bytes} bytes",
+        )
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own is text/plain; every error of the API is JSON with a code.
+        self._bad_request(msg)
+
+    def _bad_request(self, reason: str) -> None:
+        self.logger.warning("Invalid HTTP request received: %s", reason)
+        # httptools' reasons are short ASCII phrases ("Invalid method
+        # encountered"); bounded anyway, as they end up in a response.
+        detail = reason.encode("ascii", "replace").decode()[:200] or "unparseable"
+        self._answer_and_close(400, "bad_request", f"malformed HTTP request: {detail}")
+
+    def _answer_and_close(self, status: int, code: str, message: str) -> None:
+        """Answer the message being parsed, if nothing else can still answer
+        first, and close; otherwise just close (the app sees a disconnect)."""
+        self._refused = True
+        cycle = self.cycle
+        if self._in_head:
+            if cycle is not None and not cycle.response_complete and not self.pipeline:
+                # A new message behind a request whose answer is still to be
+                # written: ours goes after it (on_response_complete), else
+                # the client would take it for that request's.
+                self._pending = self._error(status, code, message)
+                return
+            writable = cycle is None or cycle.response_complete
+        else:
+            # The body of the request the app has (a bad chunk size): ours is
+            # its answer if the app has not begun one and it is not queued
+            # behind another request.
+            writable = cycle is not None and not cycle.response_started and not self.pipeline
+        if not writable:
+            self.transport.close()
+            return
+        if cycle is not None and not cycle.response_complete:
+            # As if the connection were gone: the app's own answer, when it
+            # comes, is dropped, and its reads see a disconnect.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self._write_and_linger(self._error(status, code, message))
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        pending, self._pending = self._pending, None
+        if pending is not None and not self.transport.is_closing():
+            self._write_and_linger(pending)
+
+    def _write_and_linger(self, answer: bytes) -> None:
+        self.transport.write(answer)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._linger = self.loop.call_later(LINGER_S, self.transport.close)
 
-    def _431(self) -> bytes:
-        error = {
-            "code": "headers_too_large",
-            "message": f"request line and headers exceed {self.max_header_bytes} bytes",
-            "invocation_id": None,
-        }
-        body = json.dumps({"error": error}, separators=(",", ":")).encode()
-        head = [STATUS_LINE[431]]
+    def _error(self, status: int, code: str, message: str) -> bytes:
+        body = json.dumps(error_document(code, message), separators=(",", ":")).encode()
+        head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head.extend([name, b": ", value, b"\r\n"])
         head.extend(

@@ -28,6 +28,7 @@ MAX_VALUE_BYTES = 1024 * 1024
 MAX_LIST = 1000
 MAX_FETCH_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
+CREDENTIALS = ("authorization", "cookie", "proxy-authorization")
 BYTES_MARK = b"\x00b"  # values stored as raw bytes; anything else is JSON text
 
 
@@ -245,7 +246,7 @@ class ProxyService:
         target = _parse_url(url)
 
         async def fetch() -> tuple[dict[str, Any], bytes]:
-            nonlocal target, method, body
+            nonlocal target, method, body, clean
             for _ in range(MAX_REDIRECTS + 1):
                 if not host_allowed(target, ctx.egress_allow):
                     raise ProxyCallError(
@@ -269,7 +270,11 @@ class ProxyService:
                     ) from None
                 try:
                     if resp.is_redirect and "location" in resp.headers:
-                        target = _parse_url(resp.headers["location"], base=target)
+                        prev, target = target, _parse_url(resp.headers["location"], base=target)
+                        if (target.scheme, target.netloc) != (prev.scheme, prev.netloc):
+                            # Credentials meant for one origin are not handed to the
+                            # next (as browsers and httpx's own redirects do).
+                            clean = {k: v for k, v in clean.items() if k.lower() not in CREDENTIALS}
                         if resp.status_code in (301, 302, 303):
                             method, body = ("GET" if method != "HEAD" else "HEAD"), b""
                         continue

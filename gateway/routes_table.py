@@ -32,6 +32,11 @@ class RouteTable:
         compiled = []
         for e in entries:
             regex, _, _ = compile_path(e.path)
+            # Starlette ends the pattern in "$", which also matches before a
+            # final newline ("/todos" took "/todos%0A"), and its {p:path} is
+            # ".*", which stops at one: fullmatch and DOTALL, so a route takes
+            # a decoded path whole or not at all.
+            regex = re.compile(regex.pattern, re.DOTALL)
             compiled.append(_Compiled(e.method, regex, route_specificity(e.path), e))
         # The most specific route first ("/users/me" before "/users/{id}" before
         # "/{rest:path}"); overlapping routes of different tenants are refused
@@ -45,7 +50,7 @@ class RouteTable:
         for c in self._routes:
             if c.method not in ("ANY", method) and not (c.method == "GET" and method == "HEAD"):
                 continue
-            m = c.regex.match(path)
+            m = c.regex.fullmatch(path)
             if m:
                 return Match(c.entry.tenant_id, c.entry.name, dict(m.groupdict()))
         return None

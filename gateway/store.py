@@ -130,6 +130,15 @@ def parse_route(route: str) -> tuple[str, str]:
     if path == "/":
         return method, path
     segments = path[1:].split("/")
+    if _PARAM.fullmatch(segments[0]):
+        # Routes are global (a request path names no tenant) and first come,
+        # first served: "/{p:path}" or "/{id}" would overlap every route of
+        # every other tenant, so one tenant could lock all others out.
+        raise ValueError(
+            f"route {route!r}: a route must begin with a literal path segment, "
+            "e.g. '/shop/{p:path}', not a parameter, so that it cannot claim "
+            "every other tenant's paths"
+        )
     names: set[str] = set()
     for i, segment in enumerate(segments):
         match = _PARAM.fullmatch(segment)

@@ -157,7 +157,8 @@ def bundle_from_zip(data: bytes, *, entrypoint: str | None, limits: UploadLimits
             f"entrypoint module {module_file} is not in the archive",
             {"file": module_file, "entrypoint": ep},
         )
-    _require_function(entry_tree, module_file, function)
+    local = frozenset(name.split("/")[0].removesuffix(".py") for name, _ in files)
+    _require_function(entry_tree, module_file, function, local)
     return CodeBundle(files=tuple(files), entrypoint=ep)
 
 
@@ -207,46 +208,165 @@ def _parse_entrypoint(entrypoint: str | None, limits: UploadLimits) -> tuple[str
     return ep, "/".join(parts) + ".py", function
 
 
-def _require_function(tree: ast.Module, module_file: str, function: str) -> None:
-    if function not in _top_level_names(tree):
+def _require_function(
+    tree: ast.Module, module_file: str, function: str, local_modules: frozenset[str] = frozenset()
+) -> None:
+    """The entrypoint must be bound at top level, and not only to a literal.
+
+    ``local_modules`` are the top-level modules of the archive (none for a
+    single source file): code in them may set the name when imported.
+    """
+    bindings = _top_level_bindings(tree).get(function)
+    if not bindings:
         raise UploadError(
             "missing_handler",
             f"{module_file} does not define {function!r} at top level "
-            "(looked for def, async def, an assignment or an import)",
+            "(looked for def, async def, class, an assignment or an import)",
+            {"file": module_file, "function": function},
+        )
+    literals = [value for value in bindings if isinstance(value, _LITERALS)]
+    if len(literals) == len(bindings) and not _may_rebind(tree, function, local_modules):
+        # Accepted, every call would fail at load ("... is not a callable").
+        literals.sort(key=lambda node: (node.lineno, node.col_offset))
+        kinds = ", ".join(dict.fromkeys(_literal_kind(node) for node in literals))
+        what = "literals" if "," in kinds else "a literal"
+        raise UploadError(
+            "missing_handler",
+            f"{module_file} binds {function!r} only to {what} ({kinds}), which cannot be called",
             {"file": module_file, "function": function},
         )
 
 
-def _top_level_names(tree: ast.Module) -> set[str]:
-    """Names bound at module scope by def, assignment or import.
+# Expressions whose value is never callable.
+_LITERALS = (
+    ast.Constant,
+    ast.JoinedStr,
+    ast.List,
+    ast.Tuple,
+    ast.Set,
+    ast.Dict,
+    ast.ListComp,
+    ast.SetComp,
+    ast.DictComp,
+    ast.GeneratorExp,
+)
+
+
+def _literal_kind(node: ast.expr) -> str:
+    if isinstance(node, ast.Constant):
+        return "None" if node.value is None else type(node.value).__name__
+    if isinstance(node, ast.JoinedStr):
+        return "str"
+    if isinstance(node, ast.GeneratorExp):
+        return "generator"
+    return type(node).__name__.removesuffix("Comp").lower()
+
+
+# Ways a module can set a global the AST of its assignments does not show:
+# globals()["handler"] = f, setattr(sys.modules[__name__], ...), exec(...).
+_DYNAMIC_NAMES = frozenset(
+    {"globals", "vars", "locals", "setattr", "exec", "eval", "__import__", "import_module"}
+)
+_DYNAMIC_ATTRS = frozenset({"modules", "__dict__", "setattr", "import_module"})
+
+
+def _may_rebind(tree: ast.Module, function: str, local_modules: frozenset[str]) -> bool:
+    """Whether the module may set ``function`` in a way other than its
+    top-level assignments (which all bind a literal): refusing is only right
+    when the AST is sure, so anything it cannot follow counts."""
+    top_level_targets = {id(target) for target in _literal_targets(tree, function)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            if node.id in _DYNAMIC_NAMES:
+                return True
+            if node.id == function and isinstance(node.ctx, ast.Store):
+                if id(node) not in top_level_targets:
+                    return True  # for, with, walrus, a nested scope's global
+        elif isinstance(node, ast.Attribute):
+            if node.attr in _DYNAMIC_ATTRS:
+                return True
+            if node.attr == function and isinstance(node.ctx, ast.Store):
+                return True  # a module object's attribute: maybe this module's
+        elif isinstance(node, ast.Global | ast.Nonlocal):
+            if function in node.names:
+                return True
+        elif isinstance(node, ast.Constant):
+            if node.value == function:
+                return True  # a name as a string: setattr, a dict of globals
+        elif isinstance(node, ast.ImportFrom):
+            if node.level or any(alias.name == "*" for alias in node.names):
+                return True
+            if (node.module or "").split(".")[0] in local_modules:
+                return True
+        elif isinstance(node, ast.Import):
+            if any(alias.name.split(".")[0] in local_modules for alias in node.names):
+                return True  # the archive's code runs at that import, and may set it
+    return False
+
+
+def _literal_targets(tree: ast.Module, function: str) -> list[ast.expr]:
+    """The ``ast.Name`` targets through which top-level statements bind
+    ``function`` to a literal (see _top_level_bindings)."""
+    found: list[ast.expr] = []
+    for target, value in _walk_bindings(tree):
+        if isinstance(target, ast.Name) and target.id == function and isinstance(value, _LITERALS):
+            found.append(target)
+    return found
+
+
+def _top_level_bindings(tree: ast.Module) -> dict[str, list[ast.expr | None]]:
+    """Names bound at module scope by def, class, assignment or import, each
+    with the expressions assigned to it (None: a def, a class, an import, or
+    a value the unpacking does not show)."""
+    bindings: dict[str, list[ast.expr | None]] = {}
+    for target, value in _walk_bindings(tree):
+        name = target.id if isinstance(target, ast.Name) else target
+        assert isinstance(name, str)
+        bindings.setdefault(name, []).append(value)
+    return bindings
+
+
+def _walk_bindings(tree: ast.Module) -> list[tuple[ast.Name | str, ast.expr | None]]:
+    """Top-level bindings as (target, value): an ``ast.Name`` target for an
+    assignment, the bound name for a def, class or import.
 
     Blocks of compound statements (if, try, with, ...) run at module level too,
     so they are searched; function and class bodies are not. Iterative, so a
     deep tree cannot exhaust the stack.
     """
-    names: set[str] = set()
+    found: list[tuple[ast.Name | str, ast.expr | None]] = []
     statements: list[ast.stmt] = list(tree.body)
     while statements:
         node = statements.pop()
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            names.add(node.name)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            found.append((node.name, None))
         elif isinstance(node, ast.Assign):
-            targets: list[ast.expr] = list(node.targets)
-            while targets:
-                target = targets.pop()
+            pairs: list[tuple[ast.expr, ast.expr | None]] = [(t, node.value) for t in node.targets]
+            while pairs:
+                target, value = pairs.pop()
                 if isinstance(target, ast.Name):
-                    names.add(target.id)
+                    found.append((target, value))
                 elif isinstance(target, ast.Tuple | ast.List):
-                    targets.extend(target.elts)
+                    # a, b = f, 2: element by element when the sides line up.
+                    elts = value.elts if isinstance(value, ast.Tuple | ast.List) else None
+                    if elts is not None and (
+                        len(elts) != len(target.elts)
+                        or any(isinstance(e, ast.Starred) for e in elts)
+                    ):
+                        elts = None
+                    for i, elt in enumerate(target.elts):
+                        pairs.append((elt, None if elts is None else elts[i]))
                 elif isinstance(target, ast.Starred):
-                    targets.append(target.value)
+                    pairs.append((target.value, None))
         elif isinstance(node, ast.AnnAssign):
             if node.value is not None and isinstance(node.target, ast.Name):
-                names.add(node.target.id)
+                found.append((node.target, node.value))
         elif isinstance(node, ast.Import):
-            names.update(alias.asname or alias.name.split(".")[0] for alias in node.names)
+            found.extend((alias.asname or alias.name.split(".")[0], None) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            names.update(alias.asname or alias.name for alias in node.names if alias.name != "*")
+            found.extend(
+                (alias.asname or alias.name, None) for alias in node.names if alias.name != "*"
+            )
         elif isinstance(node, ast.With | ast.AsyncWith):
             statements.extend(node.body)
         elif isinstance(node, ast.If | ast.For | ast.AsyncFor | ast.While):
@@ -261,14 +381,14 @@ def _top_level_names(tree: ast.Module) -> set[str]:
         elif isinstance(node, ast.Match):
             for case in node.cases:
                 statements.extend(case.body)
-    return names
+    return found
 
 
 # --- source checks ---------------------------------------------------------------
 
 # PEP 263, as tokenize.detect_encoding reads it.
 _CODING = re.compile(r"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)", re.ASCII)
-_BLANK = re.compile(r"^[ \t\f]*(?:[#\r\n]|$)", re.ASCII)
+_BLANK = re.compile(r"^[ \t\f]*(?:[#\r\n]|\Z)", re.ASCII)
 _OPENERS = frozenset("([{")
 _CLOSERS = frozenset(")]}")
 _BRACKETS = re.compile(r"[()\[\]{}]")

@@ -12,6 +12,7 @@ import errno
 import os
 import secrets
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,7 @@ class SlotPool:
         self.groups = groups
         self._free: list[str] = []
         self._next = 0
+        self._naming = threading.Lock()
         # Unique per pool: several pools (gateways, tests) may share a machine.
         self._prefix = f"{SLOT_PREFIX}{os.getpid()}-{secrets.token_hex(3)}-"
         self.busy: set[str] = set()
@@ -191,8 +193,11 @@ class SlotPool:
         return killed
 
     def _create(self) -> str:
-        self._next += 1
-        name = f"{self._prefix}{self._next}"
+        # acquire runs in threads (mkdir is slow): two at once must never get
+        # one name, or two jails would share a cgroup and its limits.
+        with self._naming:
+            self._next += 1
+            name = f"{self._prefix}{self._next}"
         for d in self.dirs(name):
             d.mkdir(exist_ok=True)
         return name
