@@ -135,7 +135,22 @@ def read_frame(fd: int, max_body: int) -> tuple[dict[str, Any], bytes]:
 
 
 def write_all(fd: int, data: bytes) -> None:
+    """Write everything, also to an fd the function made non-blocking (the
+    channels' file status is shared with it): on EAGAIN wait for the reader."""
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            wait_writable(fd)
+            continue
         view = view[n:]
+
+
+def wait_writable(fd: int) -> None:
+    """Block until ``fd`` takes a write (or is broken: the write then says so)."""
+    import select  # only after an EAGAIN: nothing to import on the usual path
+
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll()

@@ -66,6 +66,11 @@ MAX_FD = 1 << 16
 SIGKILL = 9
 
 RESULT_FD, LOG_FD = 3, 4
+# Pending signals of the whole jail (one uid in one user namespace: one count).
+# The kernel charges them to root, who created the namespace, as well, up to
+# root's own limit (~96k here): left inherited, one invocation could queue that
+# many and make sigqueue fail for every root process on the host.
+SIGPENDING = 64
 PROXY_SOCKET = "/run/nsfaas/proxy.sock"
 CO_COROUTINE = 0x80
 # The pid of the process that runs the handler; a process the handler forked
@@ -234,6 +239,12 @@ def _print_exc() -> None:
         cut = len(text) - TRACEBACK_CAP
         half = TRACEBACK_CAP // 2
         text = f"{text[:half]}\n[... {cut} characters cut ...]\n{text[-half:]}"
+    # A text stream cannot retry a partial write to a non-blocking fd (the
+    # function's own doing, on the error path only): the traceback would be lost.
+    try:
+        os.set_blocking(2, True)
+    except OSError:
+        pass
     sys.stderr.write(text)
 
 
@@ -250,7 +261,7 @@ def _finish(frame: dict[str, Any], body: bytes) -> None:
         return  # a fork of the handler came back here: only the handler answers
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            _flush(stream)
         except BaseException:
             pass
     # Everything logged is in its pipe before the result: the gateway answers
@@ -259,6 +270,18 @@ def _finish(frame: dict[str, Any], body: bytes) -> None:
     frame["usage"] = _usage()
     _frames.write_all(RESULT_FD, _frames.encode(frame, body))
     os.close(RESULT_FD)
+
+
+def _flush(stream: Any) -> None:
+    """``stream.flush()``, also when the function made its fd non-blocking:
+    a buffered stream keeps what EAGAIN left, so wait until the gateway has
+    read some and go on (its deadline bounds the wait)."""
+    while True:
+        try:
+            stream.flush()
+            return
+        except BlockingIOError:
+            _frames.wait_writable(stream.fileno())
 
 
 def _route_logging(ctx: Any) -> None:
@@ -354,6 +377,55 @@ class Inbox:
                 raise EOFError  # anything else first: the gateway gave up
 
 
+class Channels:
+    """The file status of a warm worker's output channels (a child's fds 1-4),
+    as the gateway made them, put back before each child is forked.
+
+    Every child gets the same pipes, and what fcntl sets on them belongs to
+    the pipe, not to the child: one invocation's O_NONBLOCK failed the next
+    one's output with a 500, and a pipe size, SIGIO owner or signal it chose
+    was a few bits for the next one to read."""
+
+    def __init__(self, fds: list[int]) -> None:
+        import fcntl  # warm jails only: a cold start never imports it
+
+        self.fcntl = fcntl.fcntl
+        # (get, set) pairs: status flags (O_NONBLOCK, O_APPEND, O_DIRECT,
+        # O_ASYNC), pipe size, SIGIO owner, SIGIO signal.
+        self.knobs = [
+            (fcntl.F_GETFL, fcntl.F_SETFL),
+            (fcntl.F_GETPIPE_SZ, fcntl.F_SETPIPE_SZ),
+            (fcntl.F_GETOWN, fcntl.F_SETOWN),
+            (fcntl.F_GETSIG, fcntl.F_SETSIG),
+        ]
+        self.fresh = [(fd, [self.fcntl(fd, get) for get, _ in self.knobs]) for fd in fds]
+
+    def restore(self) -> bool:
+        """One fcntl call a knob when nothing changed (16 in all, ~5 us).
+        False if a channel cannot be put back (the worker then retires)."""
+        try:
+            for fd, values in self.fresh:
+                for (get, put), value in zip(self.knobs, values, strict=True):
+                    if self.fcntl(fd, get) != value and not self._put(fd, put, value):
+                        return False
+        except OSError:
+            return False
+        return True
+
+    def _put(self, fd: int, put: int, value: int) -> bool:
+        # Shrinking a pipe that holds more than the new size fails (EBUSY)
+        # until the gateway has read it: it reads all the time, so wait a bit.
+        deadline = time.monotonic() + 0.5
+        while True:
+            try:
+                self.fcntl(fd, put, value)
+                return True
+            except OSError as exc:
+                if exc.errno != 16 or time.monotonic() > deadline:  # EBUSY
+                    return False
+            time.sleep(0.001)
+
+
 def _fresh_stdio() -> None:
     """New sys.stdout/sys.stderr for a child of a zygote whose module started
     threads. Threads do not survive fork, but a lock one of them held does:
@@ -390,10 +462,73 @@ def _kill_stragglers() -> None:
             time.sleep(0.001)
 
 
+# /tmp itself as the jail started (mode, atime/mtime, inode flags, xattrs),
+# read before the import; None outside a warm jail's pid 1.
+_tmp_fresh: tuple[int, int, int, int, dict[str, bytes]] | None = None
+_tmp_fd = -1  # /tmp, held by the zygote for its inode flags (closed in every child)
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
+
+
+def _remember_tmp(path: str = "/tmp") -> None:
+    global _tmp_fresh
+    if os.getpid() != 1:
+        return
+    st = os.stat(path)
+    xattrs = {name: os.getxattr(path, name) for name in os.listxattr(path)}
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = _inode_flags(fd)
+    finally:
+        os.close(fd)
+    _tmp_fresh = (st.st_mode & 0o7777, st.st_atime_ns, st.st_mtime_ns, flags, xattrs)
+
+
+def _inode_flags(fd: int, new: int | None = None) -> int:
+    """The inode flags of ``fd`` (chattr: its owner may set nodump and
+    noatime), set to ``new`` first if given; -1 where the file system has none."""
+    import fcntl  # warm jails only: a cold start never imports it
+
+    buf = bytearray(8)
+    try:
+        if new is not None:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, new.to_bytes(8, "little"))
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    except OSError as exc:
+        if new is None and exc.errno in (25, 95):  # ENOTTY, EOPNOTSUPP
+            return -1
+        raise
+    return int.from_bytes(buf[:4], "little")
+
+
+def _reset_tmp(path: str) -> None:
+    """Give /tmp itself the metadata it had when the jail started. The
+    function owns it, so its xattrs (64 KiB a name), mode (`chmod 0500` broke
+    every later call on the worker) and inode flags would otherwise reach the
+    next invocation. Times are _wipe_tmp's, after its listing. OSError if any
+    of it fails. Three syscalls when nothing changed."""
+    global _tmp_fd
+    assert _tmp_fresh is not None
+    mode, _, _, flags, xattrs = _tmp_fresh
+    for name in os.listxattr(path):
+        if name not in xattrs:
+            os.removexattr(path, name)  # an ACL too: before the mode
+    for name, value in xattrs.items():
+        if os.getxattr(path, name) != value:
+            os.setxattr(path, name, value)
+    if os.stat(path).st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
+    if flags >= 0:
+        if _tmp_fd < 0:  # opened after the import, so never one of fds 0-4
+            _tmp_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if _inode_flags(_tmp_fd) != flags:
+            _inode_flags(_tmp_fd, flags)
+
+
 def _wipe_tmp(path: str = "/tmp") -> bool:
-    """Between warm invocations, leave /tmp as empty as a fresh jail's. False
-    if something is left (the worker then retires rather than show it to the
-    next invocation).
+    """Between warm invocations, leave /tmp as a fresh jail's: empty, and the
+    directory's own mode, xattrs, flags and times as they were at the start
+    (``_reset_tmp``). False if something is left or cannot be reset (the
+    worker then retires rather than show it to the next invocation).
 
     Walks by relative names from inside each directory (chdir), so a tree
     deeper than PATH_MAX is no obstacle, and without recursion, so depth is
@@ -401,11 +536,21 @@ def _wipe_tmp(path: str = "/tmp") -> bool:
     """
     if os.getpid() != 1:
         return True  # not a jail's pid 1 (a bare run on a host): the host's /tmp is not ours
+    if _tmp_fresh is None:
+        return False  # what a fresh /tmp looks like could not be read
     try:
-        if not os.listdir(path):
-            return True  # the usual case: one syscall
+        _reset_tmp(path)
+        if os.listdir(path) and not _empty_tmp(path):
+            return False
+        # Last: listing /tmp (or emptying it) moved its times.
+        os.utime(path, ns=(_tmp_fresh[1], _tmp_fresh[2]))
+        return True
     except OSError:
         return False
+
+
+def _empty_tmp(path: str) -> bool:
+    """Delete everything under ``path``; True if it is empty then."""
     here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.chdir(path)
@@ -446,10 +591,18 @@ def main(argv: list[str]) -> int:
     # pid 1 of a pid namespace only receives the signals it has a handler for;
     # Python's own SIGINT handler would let a child kill(1, SIGINT) the zygote.
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    # Hard too, before any of the function's code: no process of the jail can
+    # raise it again (RLIMIT_SIGPENDING is not one of nsjail's rlimit options).
+    resource.setrlimit(resource.RLIMIT_SIGPENDING, (SIGPENDING, SIGPENDING))
     ctl = int(argv[1])
     entrypoint = argv[2]
     once = argv[3] == "once"
     max_body = int(argv[4])
+    if not once:
+        try:
+            _remember_tmp()  # before the import can change it
+        except OSError:
+            pass  # unknown, so never reset: the worker serves one invocation
     # The runtime is up: whatever ends it from here on is the function's import.
     _frames.write_all(ctl, _frames.encode({"op": "loading"}))
     try:
@@ -483,6 +636,7 @@ def main(argv: list[str]) -> int:
     except (EOFError, _frames.FrameError, OSError):
         return 0
     ready: dict[str, Any] = {"op": "ready"}
+    channels = None if once else Channels(ends[1:])
     if not once:
         # What the import left in /tmp is not the first invocation's to see
         # (nor to change under a mapping the import made of it): every warm
@@ -523,6 +677,9 @@ def main(argv: list[str]) -> int:
                 clean = once or _wipe_tmp()
                 if not clean:
                     exited["retire"] = "/tmp could not be emptied"
+                elif channels is not None and not channels.restore():
+                    clean = False
+                    exited["retire"] = "the output channels could not be reset"
                 # The gateway writes the next request only after this frame.
                 _frames.write_all(ctl, _frames.encode(exited))
                 child = None

@@ -362,9 +362,9 @@ class Logger:
         raw = (json.dumps(line, default=repr) + "\n").encode()
         with self._lock:
             try:
-                view = memoryview(raw)
-                while view:
-                    view = view[os.write(self._fd, view) :]
+                # The function may have made the pipe non-blocking: a line cut
+                # at EAGAIN would merge with the next one, so wait and go on.
+                _frames.write_all(self._fd, raw)
             except OSError:
                 pass  # the log pipe is gone: the invocation is being torn down
 
