@@ -340,18 +340,12 @@ class Invoker:
                 del lines[kept:]
                 s = self.settings
                 lines.append(
-                    NewLogLine(
-                        ts=time.time(),
-                        invocation_id=record.id,
-                        tenant_id=record.tenant_id,
-                        function=record.function,
-                        level="warning",
-                        message=(
-                            f"[nsfaas] {dropped} log lines dropped: this tenant's functions "
-                            f"logged more than {s.log_rate_bytes} bytes per second "
-                            f"(bursts up to {s.log_burst_bytes})"
-                        ),
-                        fields={"dropped": dropped, "stream": "runtime"},
+                    _notice(
+                        record,
+                        f"[nsfaas] {dropped} log lines dropped: this tenant's functions "
+                        f"logged more than {s.log_rate_bytes} bytes per second "
+                        f"(bursts up to {s.log_burst_bytes})",
+                        dropped=dropped,
                     )
                 )
                 self.metrics.log_lines_dropped.inc(dropped)
@@ -360,30 +354,21 @@ class Invoker:
             s = self.settings
             lines.insert(
                 0,
-                NewLogLine(
+                _notice(
+                    record,
+                    f"[nsfaas] throttled to {s.penalty_cpu_ms_per_sec} ms of CPU per second: "
+                    f"{s.penalty_strikes} or more invocations in a row ended at a limit "
+                    f"(lifted by one that does not, or after {s.penalty_s:g} s)",
                     ts=record.started_at,
-                    invocation_id=record.id,
-                    tenant_id=record.tenant_id,
-                    function=record.function,
-                    level="warning",
-                    message=(
-                        f"[nsfaas] throttled to {s.penalty_cpu_ms_per_sec} ms of CPU per second: "
-                        f"{s.penalty_strikes} or more invocations in a row ended at a limit "
-                        f"(lifted by one that does not, or after {s.penalty_s:g} s)"
-                    ),
-                    fields={"throttled": True, "stream": "runtime"},
+                    throttled=True,
                 ),
             )
         if result.logs_truncated:
             lines.append(
-                NewLogLine(
-                    ts=time.time(),
-                    invocation_id=record.id,
-                    tenant_id=record.tenant_id,
-                    function=record.function,
-                    level="warning",
-                    message="[nsfaas] log output truncated: the invocation exceeded its log limit",
-                    fields={"truncated": True, "stream": "runtime"},
+                _notice(
+                    record,
+                    "[nsfaas] log output truncated: the invocation exceeded its log limit",
+                    truncated=True,
                 )
             )
             self.metrics.log_lines_dropped.inc()
@@ -435,6 +420,21 @@ class Invoker:
             )
 
         return report
+
+
+def _notice(
+    record: InvocationRecord, message: str, *, ts: float | None = None, **fields: Any
+) -> NewLogLine:
+    """A line of the gateway's own in an invocation's log (stream "runtime")."""
+    return NewLogLine(
+        ts=time.time() if ts is None else ts,
+        invocation_id=record.id,
+        tenant_id=record.tenant_id,
+        function=record.function,
+        level="warning",
+        message=message,
+        fields={**fields, "stream": "runtime"},
+    )
 
 
 class _RunningRecord:

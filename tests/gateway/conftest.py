@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -113,12 +114,23 @@ class _Upstream(BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serve_http(
+    handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1"
+) -> Iterator[int]:
+    """A threaded HTTP server with ``handler`` for as long as the block runs; its port."""
+    server = ThreadingHTTPServer((host, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def upstream() -> Iterator[int]:
     """The port of a local HTTP server (see _Upstream)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serve_http(_Upstream) as port:
+        yield port

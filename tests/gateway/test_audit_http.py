@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import zipfile
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from gateway.routes_table import RouteTable
 from gateway.store import RouteEntry
 
-from .conftest import Api
+from .conftest import Api, serve_http
 
 # --- ctx.http.fetch keeps no cookies ---------------------------------------------------
 
@@ -52,12 +51,8 @@ class _CookieUpstream(BaseHTTPRequestHandler):
 @pytest.fixture
 def cookie_upstream() -> Iterator[int]:
     # 0.0.0.0: /elsewhere redirects to 127.0.0.2, a second origin on this server.
-    server = ThreadingHTTPServer(("0.0.0.0", 0), _CookieUpstream)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serve_http(_CookieUpstream, "0.0.0.0") as port:
+        yield port
 
 
 FETCH = """
