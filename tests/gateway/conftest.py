@@ -115,9 +115,7 @@ class _Upstream(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_http(
-    handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1"
-) -> Iterator[int]:
+def serve_http(handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1") -> Iterator[int]:
     """A threaded HTTP server with ``handler`` for as long as the block runs; its port."""
     server = ThreadingHTTPServer((host, 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
