@@ -559,12 +559,21 @@ class SqliteStore(Store):
         )
 
     async def enforce_retention(
-        self, *, max_lines_per_function: int, max_age_s: float, batch: int = 10_000
+        self,
+        *,
+        max_lines_per_function: int,
+        max_age_s: float,
+        batch: int = 10_000,
+        max_records: int = 0,
     ) -> int:
         cutoff = time.time() - max_age_s
         return await self._write(
             lambda c: records.enforce_retention(
-                c, max_lines=max_lines_per_function, cutoff=cutoff, budget=batch
+                c,
+                max_lines=max_lines_per_function,
+                cutoff=cutoff,
+                budget=batch,
+                max_records=max_records,
             ),
             bulk=True,
         )

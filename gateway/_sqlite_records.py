@@ -87,9 +87,15 @@ def list_invocations(
 
 
 def enforce_retention(
-    conn: sqlite3.Connection, *, max_lines: int, cutoff: float, budget: int
+    conn: sqlite3.Connection,
+    *,
+    max_lines: int,
+    cutoff: float,
+    budget: int,
+    max_records: int = 0,
 ) -> int:
-    """Delete up to `budget` rows: old lines, lines past `max_lines` per function, old records."""
+    """Delete up to `budget` rows: old lines, lines past `max_lines` per function, old
+    records, and the oldest records past `max_records` (0: no cap)."""
     deleted: Counter[int] = Counter()
     left = budget
     if left > 0:
@@ -129,6 +135,19 @@ def enforce_retention(
                    ORDER BY started_at LIMIT ?)""",
             (cutoff, left),
         ).rowcount
+        left = budget - removed
+    if left > 0 and max_records > 0:
+        # Records are deleted oldest first, so the rowid span is close to the
+        # count (and never below it): the exact count, a scan, only near the cap.
+        lo, hi = conn.execute("SELECT min(rowid), max(rowid) FROM invocations").fetchone()
+        if hi is not None and hi - lo + 1 > max_records:
+            (count,) = conn.execute("SELECT count(*) FROM invocations").fetchone()
+            if count > max_records:
+                removed += conn.execute(
+                    """DELETE FROM invocations WHERE rowid IN (
+                           SELECT rowid FROM invocations ORDER BY started_at LIMIT ?)""",
+                    (min(count - max_records, left),),
+                ).rowcount
     return removed
 
 

@@ -79,7 +79,7 @@ async def get_key(gw: Gateway, request: Request) -> Response:
 async def put_key(gw: Gateway, request: Request) -> Response:
     tenant = await _tenant(gw, request)
     key = _key(request)
-    body = await read_body(request, MAX_VALUE_BYTES, timeout_s=gw.settings.body_timeout_s)
+    body = await read_body(request, MAX_VALUE_BYTES, gw.bodies, gw.settings.body_timeout_s)
     is_json = request.headers.get("content-type", "").startswith("application/json")
     try:
         value = encode_value(body, is_json=is_json)
@@ -89,6 +89,8 @@ async def put_key(gw: Gateway, request: Request) -> Response:
         raise ApiError(400, exc.code, exc.message) from None
     except QuotaExceeded as exc:
         raise ApiError(413, "kv_quota_exceeded", exc.message) from None
+    finally:
+        gw.bodies.release(len(body))
     return Response(status_code=204)
 
 

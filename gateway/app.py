@@ -191,6 +191,7 @@ class Gateway:
                         max_lines_per_function=s.log_retention_lines,
                         max_age_s=s.log_retention_s,
                         batch=RETENTION_BATCH,
+                        max_records=s.max_invocation_records,
                     )
                     if deleted < RETENTION_BATCH:
                         break

@@ -56,6 +56,9 @@ class Settings:
     # Logs retention (per function).
     log_retention_lines: int = 100_000
     log_retention_s: float = 7 * 24 * 3600.0
+    # Invocation records kept in all (oldest go first; records also go after
+    # log_retention_s). A record is ~0.3-2.5 KB: this bounds them near 1 GB.
+    max_invocation_records: int = 500_000
     # KV quotas (per tenant).
     kv_max_bytes: int = 64 * 1024 * 1024
     kv_max_keys: int = 100_000

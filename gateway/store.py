@@ -581,9 +581,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def enforce_retention(
-        self, *, max_lines_per_function: int, max_age_s: float, batch: int = 10_000
+        self,
+        *,
+        max_lines_per_function: int,
+        max_age_s: float,
+        batch: int = 10_000,
+        max_records: int = 0,
     ) -> int:
-        """Delete log lines past the per-function count or age, and old invocation records.
+        """Delete log lines past the per-function count or age, and invocation records
+        past the age or, oldest first, past `max_records` in all (0: no cap).
 
         Deletes at most `batch` rows per call so it never holds the writer long; returns the
         number deleted (call again while it equals `batch`).

@@ -303,3 +303,18 @@ async def test_routes_under_a_literal_segment_leave_other_tenants_room(api: Api)
         headers=api.auth(two),
     )
     assert r.status_code == 409 and r.json()["error"]["code"] == "route_conflict", r.text
+
+
+async def test_a_long_path_reaches_the_function_whole_and_the_record_cut(api: Api) -> None:
+    """A record kept the whole path: an anonymous caller of a public function
+    sent 60 KB paths and grew the store by ~5 MB a second."""
+    await api.deploy(
+        "pathlen", "def handler(request, ctx):\n    return {'n': len(request.path)}\n", public=True
+    )
+    long = "/fn/pathlen/" + "p" * 20_000
+    r = await api.client.get(long)
+    assert r.status_code == 200 and r.json() == {"n": 1 + 20_000}
+    rec = await api.client.get(
+        f"/api/v1/invocations/{r.headers['x-invocation-id']}", headers=api.auth()
+    )
+    assert rec.json()["path"] == ("/" + "p" * 20_000)[:2048]

@@ -546,8 +546,14 @@ async def test_records_written_alone_are_durable_and_the_wal_stays_bounded(
     async with SqliteStore(data) as s:
         for i in range(CHECKPOINT_EVERY * 10):
             rec = replace(invocation(f"inv{i}", 1000.0 + i), outcome="ok", status=200)
-            line = NewLogLine(ts=1000.0 + i, invocation_id=rec.id, tenant_id="t1", function="f",
-                              level="info", message=f"line {i}")
+            line = NewLogLine(
+                ts=1000.0 + i,
+                invocation_id=rec.id,
+                tenant_id="t1",
+                function="f",
+                level="info",
+                message=f"line {i}",
+            )
             writes = s.writes
             await s.finish_invocation(rec, [line], alone=True)
             assert s.writes == writes + 1
@@ -582,18 +588,32 @@ async def test_concurrent_finishes_commit_together_on_the_loop(tmp_path: Path) -
 
         records_mod.finish_invocation = spy  # type: ignore[assignment]
         try:
-            recs = [replace(invocation(f"inv{i}", 1000.0 + i), outcome="ok", status=200)
-                    for i in range(8)]
-            lines = [NewLogLine(ts=1000.0 + i, invocation_id=r.id, tenant_id="t1",
-                                function="f", level="info", message=f"line {i}")
-                     for i, r in enumerate(recs)]
+            recs = [
+                replace(invocation(f"inv{i}", 1000.0 + i), outcome="ok", status=200)
+                for i in range(8)
+            ]
+            lines = [
+                NewLogLine(
+                    ts=1000.0 + i,
+                    invocation_id=r.id,
+                    tenant_id="t1",
+                    function="f",
+                    level="info",
+                    message=f"line {i}",
+                )
+                for i, r in enumerate(recs)
+            ]
             commits = s._commits
-            await asyncio.gather(*(s.finish_invocation(r, [x]) for r, x in zip(recs, lines, strict=True)))
+            await asyncio.gather(
+                *(s.finish_invocation(r, [x]) for r, x in zip(recs, lines, strict=True))
+            )
             assert threads == {loop_thread}
             assert s._commits == commits + 1  # one transaction for all eight
             # The writer thread busy with a bulk write: a finish meanwhile waits for it.
             threads.clear()
-            bulk = [replace(lines[0], invocation_id="bulk", message=f"bulk {i}") for i in range(500)]
+            bulk = [
+                replace(lines[0], invocation_id="bulk", message=f"bulk {i}") for i in range(500)
+            ]
             busy = asyncio.create_task(s.append_logs(bulk))
             await asyncio.sleep(0)
             late = replace(invocation("late", 2000.0), outcome="error", status=500)
@@ -644,8 +664,13 @@ async def test_finish_replaces_a_queued_start_and_writes_its_logs(store: SqliteS
     rec = invocation("inv-q", 1000.0)
     done = replace(rec, status=200, outcome="ok", wall_ms=1.0, log_lines=1)
     line = NewLogLine(
-        ts=1000.5, invocation_id="inv-q", tenant_id=rec.tenant_id, function=rec.function,
-        level="info", message="hello from the queue", fields={},
+        ts=1000.5,
+        invocation_id="inv-q",
+        tenant_id=rec.tenant_id,
+        function=rec.function,
+        level="info",
+        message="hello from the queue",
+        fields={},
     )
     started = asyncio.ensure_future(store.insert_invocation(rec))
     await asyncio.sleep(0)  # the start is queued, not yet written
@@ -884,6 +909,29 @@ async def test_retention_by_count_and_age(log_store: SqliteStore) -> None:
     assert await s.enforce_retention(max_lines_per_function=0, max_age_s=3600) == 35
     await s.append_logs([line(now, "fresh", function="a")])
     assert (await s.query_logs(function="a"))[0][0].id > before
+
+
+async def test_records_past_the_cap_go_oldest_first(log_store: SqliteStore) -> None:
+    """An anonymous caller of a public function can make records as fast as the
+    gateway answers: past max_records the oldest go, whatever their age."""
+    s = log_store
+    now = time.time()
+    for i in range(30):
+        await s.insert_invocation(invocation(f"r{i:02d}", now - 100 + i))
+    assert await s.enforce_retention(max_lines_per_function=10, max_age_s=3600, max_records=0) == 0
+    assert (
+        await s.enforce_retention(
+            max_lines_per_function=10, max_age_s=3600, max_records=20, batch=4
+        )
+        == 4
+    )
+    assert await s.enforce_retention(max_lines_per_function=10, max_age_s=3600, max_records=20) == 6
+    assert await s.enforce_retention(max_lines_per_function=10, max_age_s=3600, max_records=20) == 0
+    for i in range(10):
+        with pytest.raises(NotFound):
+            await s.get_invocation(f"r{i:02d}")
+    for i in range(10, 30):
+        await s.get_invocation(f"r{i:02d}")
 
 
 # -- crash safety -------------------------------------------------------------------------
