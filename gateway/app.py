@@ -60,6 +60,7 @@ class Gateway:
         self.scheduler = Scheduler(
             max_concurrency=settings.max_concurrency,
             function_concurrency=settings.function_concurrency,
+            tenant_concurrency=settings.tenant_concurrency,
             queue_size=settings.queue_size,
             queue_timeout_s=settings.queue_timeout_s,
         )

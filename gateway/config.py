@@ -65,6 +65,9 @@ class Settings:
     # Scheduling.
     max_concurrency: int = 16  # jails running at once, all functions
     function_concurrency: int = 8  # per function
+    # per tenant, all its functions: below max_concurrency, so one tenant's
+    # slow calls leave slots to the others (0: max_concurrency, no tenant cap)
+    tenant_concurrency: int = 12
     queue_size: int = 64  # waiting invocations beyond max_concurrency
     queue_timeout_s: float = 5.0
     warm: bool = True  # keep pre-forked warm workers

@@ -1,7 +1,9 @@
-"""Admission control: a global and a per-function concurrency cap, one bounded queue.
+"""Admission control: a global, a per-tenant and a per-function concurrency cap,
+one bounded queue.
 
-Past ``max_concurrency`` running invocations, or past ``function_concurrency``
-of one function, callers wait in a FIFO queue of at most ``queue_size`` for at
+Past ``max_concurrency`` running invocations, past ``tenant_concurrency`` of
+one tenant's functions, or past ``function_concurrency`` of one function,
+callers wait in a FIFO queue of at most ``queue_size`` for at
 most ``queue_timeout_s``; a full queue or an expired wait is the ``rejected``
 outcome (HTTP 429). Waiters hold no request body beyond the already capped one,
 so the gateway's memory stays bounded.
@@ -9,7 +11,12 @@ so the gateway's memory stays bounded.
 A call that can run runs at once, whoever waits: waiters are granted the
 moment a slot they can use frees up, so those left in the queue are all blocked
 by a cap that also blocks the newcomer (the global one), or by their own
-function's cap, which is no reason to hold back a call of another function.
+tenant's or function's cap, which is no reason to hold back a call of another.
+
+One tenant can neither take every running slot (the tenant cap, below the
+global one, leaves the rest to others) nor fill the queue: a tenant's waiters
+are at most ``tenant_queue`` (3/4 of the queue), so another tenant's call can
+still wait for a slot instead of being turned away.
 
 A nested call (``ctx.invoke``) never waits: its caller holds a slot, and a
 callee queued behind its own callers (a function that calls itself at its
@@ -43,13 +50,18 @@ class Scheduler:
         function_concurrency: int,
         queue_size: int,
         queue_timeout_s: float,
+        tenant_concurrency: int | None = None,
     ) -> None:
         self.max_concurrency = max(1, max_concurrency)
         self.function_concurrency = max(1, function_concurrency)
+        self.tenant_concurrency = max(1, tenant_concurrency or self.max_concurrency)
         self.queue_size = queue_size
+        self.tenant_queue = max(1, queue_size * 3 // 4)
         self.queue_timeout_s = queue_timeout_s
         self.running = 0
         self.per_function: collections.Counter[str] = collections.Counter()
+        self.per_tenant: collections.Counter[str] = collections.Counter()
+        self._queued: collections.Counter[str] = collections.Counter()  # waiters per tenant
         self._waiters: collections.deque[tuple[str, asyncio.Future[None]]] = collections.deque()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -66,11 +78,12 @@ class Scheduler:
         return (
             self.running < self.max_concurrency
             and self.per_function[key] < self.function_concurrency
+            and self.per_tenant[_tenant(key)] < self.tenant_concurrency
         )
 
     @contextlib.asynccontextmanager
     async def slot(self, key: str, *, nested: bool = False) -> AsyncIterator[None]:
-        """Hold a running slot for function ``key`` (or raise Rejected)."""
+        """Hold a running slot for function ``key``, "tenant/function" (or raise Rejected)."""
         if nested:
             if not self._can_run(key):
                 raise Rejected("no free slot for a nested call (nested calls do not wait)")
@@ -78,22 +91,26 @@ class Scheduler:
         elif not self._can_run(key):
             if len(self._waiters) >= self.queue_size:
                 raise Rejected("the invocation queue is full")
+            tenant = _tenant(key)
+            if self._queued[tenant] >= self.tenant_queue:
+                raise Rejected("this tenant's share of the invocation queue is full")
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             entry = (key, fut)
             self._waiters.append(entry)
+            self._queued[tenant] += 1
             try:
                 await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout_s)
             except TimeoutError:
                 if fut.done():
                     self._release(key)  # granted at the last moment: give it back
                 else:
-                    self._waiters.remove(entry)
+                    self._unqueue(entry)
                 raise Rejected("timed out waiting for a free slot") from None
             except asyncio.CancelledError:
                 if fut.done():
                     self._release(key)
                 else:
-                    self._waiters.remove(entry)
+                    self._unqueue(entry)
                 raise
         else:
             self._grant(key)
@@ -105,16 +122,28 @@ class Scheduler:
     def _grant(self, key: str) -> None:
         self.running += 1
         self.per_function[key] += 1
+        self.per_tenant[_tenant(key)] += 1
         self._idle.clear()
 
     def _release(self, key: str) -> None:
         self.running -= 1
         self.per_function[key] -= 1
+        tenant = _tenant(key)
+        self.per_tenant[tenant] -= 1
         if not self.running:
             self._idle.set()
         if not self.per_function[key]:
             del self.per_function[key]
+        if not self.per_tenant[tenant]:
+            del self.per_tenant[tenant]
         self._wake()
+
+    def _unqueue(self, entry: tuple[str, asyncio.Future[None]]) -> None:
+        self._waiters.remove(entry)
+        tenant = _tenant(entry[0])
+        self._queued[tenant] -= 1
+        if not self._queued[tenant]:
+            del self._queued[tenant]
 
     def _wake(self) -> None:
         """Grant slots to waiters in FIFO order, skipping functions at their own cap."""
@@ -123,9 +152,13 @@ class Scheduler:
             if self.running >= self.max_concurrency:
                 return
             if fut.done():
-                self._waiters.remove(entry)
+                self._unqueue(entry)
                 continue
-            if self.per_function[key] < self.function_concurrency:
-                self._waiters.remove(entry)
+            if self._can_run(key):
+                self._unqueue(entry)
                 self._grant(key)
                 fut.set_result(None)
+
+
+def _tenant(key: str) -> str:
+    return key.partition("/")[0]

@@ -49,6 +49,32 @@ async def test_a_function_at_its_cap_does_not_hold_back_others() -> None:
     assert s.running == 0 and s.queued == 0
 
 
+async def test_one_tenant_cannot_take_every_slot_or_the_whole_queue() -> None:
+    """The audit's finding: two slow functions of one tenant held all 16
+    slots, and another tenant's call waited 5 s for a 429."""
+    s = scheduler(max_concurrency=4, function_concurrency=4, tenant_concurrency=3, queue_size=4)
+    done = asyncio.Event()
+    mine = [asyncio.create_task(hold(s, f"a/f{i % 2}", done)) for i in range(6)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert s.running == 3 and s.queued == 3  # the tenant's cap, then its 3/4 of the queue
+    with pytest.raises(Rejected, match="share of the invocation queue"):
+        async with s.slot("a/f0"):
+            pass
+    t0 = time.monotonic()
+    async with s.slot("b/g"):  # another tenant: the slot the cap left free
+        assert time.monotonic() - t0 < 0.1 and s.running == 4
+        other = asyncio.create_task(hold(s, "b/g", done))  # may still queue
+        await asyncio.sleep(0)
+        assert s.queued == 4
+    # b/g's slot came free: its queued call took it, not tenant a's (at its cap).
+    await asyncio.sleep(0)
+    assert s.per_tenant["b"] == 1 and s.per_tenant["a"] == 3 and s.queued == 3
+    done.set()
+    await asyncio.gather(*mine, other)
+    assert s.running == 0 and s.queued == 0 and not s.per_tenant
+
+
 async def test_at_the_global_cap_callers_are_served_in_order() -> None:
     s = scheduler(max_concurrency=1, function_concurrency=4)
     order: list[str] = []
