@@ -15,6 +15,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from jail import OUTCOMES
 
@@ -149,15 +150,20 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
                 f"follow streams the lines stored from now on; {', '.join(ignored)} "
                 "cannot apply to it (page with them without follow)",
             )
-        stream = _follow(gw, request, tenant, name, level, text)
+        # The slot is counted while this object lives (logbus): the response
+        # drops it when it ends. Tied to the body iterator instead, it lived
+        # on in the reference cycles of a cancelled stream's traceback until
+        # the cycle collector ran, seconds later or more.
+        slot: list[_Slot] = [_Slot()]
         try:
-            gw.logbus.follow((tenant, name), stream)
+            gw.logbus.follow((tenant, name), slot[0])
         except TooManyTails as exc:
             raise ApiError(
                 429, "too_many_tails", f"{exc}: close one first", headers={"Retry-After": "5"}
             ) from None
-        return StreamingResponse(
-            stream,
+        return _TailResponse(
+            _follow(gw, request, tenant, name, level, text),
+            slot,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -184,6 +190,44 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
             payload, media_type="application/x-ndjson", headers={"X-Next-Cursor": cursor or ""}
         )
     return JSONResponse({"logs": [line_json(x) for x in lines], "cursor": cursor})
+
+
+class _Slot:
+    """Stands for a live tail in the logbus's count while it lives."""
+
+    __slots__ = ("__weakref__",)
+
+
+class _ClientGone(Exception):
+    """A tail's write failed because its connection is gone."""
+
+
+class _TailResponse(StreamingResponse):
+    """A tail ends when its client goes; a write that finds the connection
+    closed is that, not an error. The transport can be closed before the
+    server reports the disconnect (uvloop raises RuntimeError on a write
+    then), and a tail writes whenever a line comes, long after its request:
+    the response most likely to be caught in that gap."""
+
+    def __init__(self, content: AsyncIterator[str], slot: list[_Slot], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_or_gone(message: Message) -> None:
+            try:
+                await send(message)
+            except (OSError, RuntimeError) as exc:
+                if message["type"] != "http.response.body":
+                    raise  # not a tail's write: a real failure
+                raise _ClientGone from exc
+
+        try:
+            await super().__call__(scope, receive, send_or_gone)
+        except _ClientGone:
+            pass
+        finally:
+            self._slot.clear()
 
 
 async def _follow(

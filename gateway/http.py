@@ -186,14 +186,36 @@ def parse_json(body: bytes) -> Any:
     (``NaN``, ``Infinity``) and strings that cannot be UTF-8 (lone surrogates), anywhere in
     the document, keys included: every endpoint gets text that it can store and echo back.
     """
+    text = strict_utf8(body)
+    if text is None:
+        raise ApiError(
+            400,
+            "invalid_json",
+            "request body must be JSON in UTF-8 without a byte order mark "
+            "(UTF-16 and UTF-32 are not accepted)",
+        )
     try:
-        value = _frames.loads(body)  # json.loads, with too-deep nesting a ValueError too
+        value = _frames.loads(text)  # json.loads, with too-deep nesting a ValueError too
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
     problem = not_strict_json(value)
     if problem is not None:
         raise ApiError(400, "invalid_json", f"request body holds {problem}")
     return value
+
+
+def strict_utf8(body: bytes) -> str | None:
+    """``body`` as UTF-8 text, or None if it is not UTF-8 or starts with a BOM.
+
+    ``json.loads`` on bytes guesses UTF-16/32 and skips a UTF-8 BOM, so such a
+    body was taken, stored and echoed back in an encoding most JSON clients
+    cannot read (RFC 8259: JSON between systems is UTF-8, with no BOM).
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if text.startswith("\ufeff") else text
 
 
 def parse_json_object(body: bytes, fields: Collection[str]) -> dict[str, Any]:

@@ -26,8 +26,13 @@ from typing import Any, ClassVar
 
 import httptools
 import structlog
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from .config import SettingsError
@@ -54,6 +59,9 @@ LINGER_S = 2.0
 # a file descriptor (nginx's client_header_timeout is 60 s; a function call's
 # head is one small packet).
 HEAD_TIMEOUT_S = 10.0
+# A 405 must say what is allowed; for CONNECT no resource is named, so this is
+# what some path of the gateway may take (a function route can take any of them).
+ALLOW_ANY_TARGET = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 class HeaderLimitProtocol(HttpToolsProtocol):
@@ -79,6 +87,7 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         self._pending: bytes | None = None  # an error answer waiting for the answer before it
         self._linger: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._running: RequestResponseCycle | None = None  # the cycle the app is serving
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -89,7 +98,19 @@ class HeaderLimitProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self._linger = self._head_timer = None
+        # uvicorn tells only its newest cycle. With requests pipelined behind
+        # it, the one the app is serving (a live log tail, say) never heard of
+        # the disconnect: it went on writing to the closed transport (uvloop
+        # raises there: an unhandled_error) and held what it held till then.
+        for cycle in (self._running, *(c for c, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -131,7 +152,8 @@ class HeaderLimitProtocol(HttpToolsProtocol):
                 if self._overflow:
                     self._refuse()
                     return
-                self._bad_request(str(exc))
+                if not self._refused:  # else a callback has answered already
+                    self._bad_request(str(exc))
                 return
             if not self._progressed:
                 self._idle_bytes += len(piece)
@@ -169,10 +191,30 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        self._in_head = False
         self._idle_bytes = 0
         self._progressed = True
-        super().on_headers_complete()
+        # Still "in the head" until uvicorn has taken the request: a refusal
+        # from here on answers this message (else it would count as one the
+        # app already has, and the client would get nothing at all).
+        if self.parser.get_method() == b"CONNECT":
+            # Not a proxy. llhttp hands CONNECT over as an upgrade, and uvicorn
+            # cannot parse an authority-form target (example.com:443): it
+            # raised in this callback and the connection closed unanswered.
+            self._answer_and_close(
+                405,
+                "method_not_allowed",
+                "CONNECT is not supported: the gateway is not a proxy",
+                headers=((b"allow", ALLOW_ANY_TARGET),),
+            )
+            raise _Refused
+        try:
+            super().on_headers_complete()
+        except Exception as exc:
+            # A target llhttp let through that uvicorn cannot take apart
+            # (``GET http://host HTTP/1.1``: an absolute form without a path).
+            self._bad_request(f"invalid request target ({type(exc).__name__})")
+            raise _Refused from exc
+        self._in_head = False
 
     def on_body(self, body: bytes) -> None:
         self._idle_bytes = 0
@@ -222,7 +264,13 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         detail = reason.encode("ascii", "replace").decode()[:200] or "unparseable"
         self._answer_and_close(400, "bad_request", f"malformed HTTP request: {detail}")
 
-    def _answer_and_close(self, status: int, code: str, message: str) -> None:
+    def _answer_and_close(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         """Answer the message being parsed, if nothing else can still answer
         first, and close; otherwise just close (the app sees a disconnect)."""
         self._refused = True
@@ -232,7 +280,7 @@ class HeaderLimitProtocol(HttpToolsProtocol):
                 # A new message behind a request whose answer is still to be
                 # written: ours goes after it (on_response_complete), else
                 # the client would take it for that request's.
-                self._pending = self._error(status, code, message)
+                self._pending = self._error(status, code, message, headers)
                 return
             writable = cycle is None or cycle.response_complete
         else:
@@ -248,7 +296,7 @@ class HeaderLimitProtocol(HttpToolsProtocol):
             # comes, is dropped, and its reads see a disconnect.
             cycle.disconnected = True
             cycle.message_event.set()
-        self._write_and_linger(self._error(status, code, message))
+        self._write_and_linger(self._error(status, code, message, headers))
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -262,10 +310,12 @@ class HeaderLimitProtocol(HttpToolsProtocol):
             self.transport.write_eof()
         self._linger = self.loop.call_later(LINGER_S, self.transport.close)
 
-    def _error(self, status: int, code: str, message: str) -> bytes:
+    def _error(
+        self, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> bytes:
         body = json.dumps(error_document(code, message), separators=(",", ":")).encode()
         head = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
+        for name, value in (*self.server_state.default_headers, *headers):
             head.extend([name, b": ", value, b"\r\n"])
         head.extend(
             [
@@ -280,6 +330,10 @@ class HeaderLimitProtocol(HttpToolsProtocol):
 
 class _HeadTooLarge(Exception):
     """Raised in a parser callback to stop httptools at the cap."""
+
+
+class _Refused(Exception):
+    """Raised in a parser callback that has answered the message: stops httptools."""
 
 
 def header_limited_protocol(

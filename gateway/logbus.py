@@ -59,10 +59,10 @@ class LogBus:
         return topic.generation if topic is not None else 0
 
     def follow(self, scope: Scope, owner: object) -> None:
-        """Count a tail of ``scope`` until ``owner`` (the response's body
-        iterator) is gone. Its lifetime, not a ``finally`` in it, is what
-        counts: a stream cancelled before its first chunk never runs its
-        ``finally``. TooManyTails past a cap."""
+        """Count a tail of ``scope`` until ``owner`` (a token its response
+        holds and drops when it ends) is gone. A lifetime, not a ``finally`` in
+        the stream, is what counts: a stream cancelled before its first chunk
+        never runs its ``finally``. TooManyTails past a cap."""
         tenant = scope[0]
         if self._tails >= self.max_tails:
             raise TooManyTails(f"{self._tails} live log tails are open (the limit)")

@@ -45,10 +45,22 @@ def _finite(text: str) -> float:
 
 def encode_value(value: bytes, *, is_json: bool) -> bytes:
     if is_json:
+        # Decoded here, not by json.loads: on bytes it guesses UTF-16/32 and
+        # skips a BOM, and such a value was served back as application/json.
+        try:
+            text: str | None = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or text.startswith("\ufeff"):
+            raise ProxyCallError(
+                "invalid_value",
+                "a JSON value must be UTF-8 without a byte order mark "
+                "(UTF-16 and UTF-32 are not accepted)",
+            )
         try:
             # json.loads takes NaN and Infinity, which no other JSON parser
             # reads back; a stored value must be JSON to every client.
-            json.loads(value, parse_constant=_no_constant, parse_float=_finite)
+            json.loads(text, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, RecursionError):
             raise ProxyCallError("invalid_value", "value is not valid JSON") from None
         return value
