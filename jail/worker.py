@@ -374,6 +374,7 @@ class Worker:
         self._child = 0  # the number of the last child this worker used
         self._stdin: socket.socket | None = None  # the children's stdin (our end)
         self._outputs: dict[int, str] = {}  # our ends of the children's outputs
+        self._drain_poll = select.poll()  # on the outputs: the drain's one syscall
         self._run: _ChildRun | None = None  # the child whose output we are taking
         self._desynced = False  # a child died with its request half read: retire
         self._stray_bytes = 0  # output since the last invocation began (see _stray)
@@ -693,6 +694,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         for fd, name in zip(outputs, OUTPUTS, strict=True):
             self._outputs[fd] = name
+            self._drain_poll.register(fd, select.POLLIN)
             loop.add_reader(fd, self._output, fd, name)
 
     def _output(self, fd: int, name: str) -> None:
@@ -728,10 +730,7 @@ class Worker:
             return
         # One syscall, not four; poll, not select: select fails on fds past 1023,
         # which a busy gateway's pipes reach.
-        poller = select.poll()
-        for fd in self._outputs:
-            poller.register(fd, select.POLLIN)
-        for fd, _ev in poller.poll(0):
+        for fd, _ev in self._drain_poll.poll(0):
             name = self._outputs[fd]
             for _ in range(64):  # bounded: a full pipe holds 64 KiB
                 try:
@@ -945,6 +944,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         for fd in self._outputs:
             loop.remove_reader(fd)
+            self._drain_poll.unregister(fd)
             os.close(fd)
         self._outputs = {}
         if self._stdin is not None:

@@ -86,6 +86,10 @@ class Live:
     def auth(self) -> dict[str, str]:
         return auth(self.key)
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
     async def deploy(
         self, client: httpx.AsyncClient, name: str, source: str, **opts: Any
     ) -> httpx.Response:
@@ -97,6 +101,47 @@ class Live:
 
 
 StartLive = Callable[..., contextlib.AbstractAsyncContextManager[Live]]
+
+
+@contextlib.asynccontextmanager
+async def serving(head_timeout_s: float = 10.0, **overrides: Any) -> AsyncIterator[Live]:
+    """``serve_in_loop`` on a fresh data dir (``e2e_settings`` with ``overrides``),
+    removed afterwards."""
+    data_dir = short_tmp()
+    try:
+        async with serve_in_loop(e2e_settings(data_dir, **overrides), head_timeout_s) as live:
+            yield live
+    finally:
+        remove_data_dir(data_dir)
+
+
+async def raw_exchange(live: Live, data: bytes) -> bytes:
+    """Send ``data`` over a raw connection (while reading: a refused sender is
+    not read to the end), then everything the server sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            for i in range(0, len(data), 1 << 16):
+                writer.write(data[i : i + (1 << 16)])
+                await writer.drain()
+
+    sender = asyncio.create_task(send())
+    out = b""
+    try:
+        async with asyncio.timeout(20):
+            while chunk := await reader.read(1 << 16):
+                out += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return out
 
 
 @contextlib.asynccontextmanager
@@ -401,9 +446,7 @@ class ProcessWatch:
     def survivors(self) -> dict[int, int | None]:
         """Sampled processes still alive (same pid and start time)."""
         return {
-            pid: st
-            for pid, st in self.seen.items()
-            if st is not None and start_time(pid) == st
+            pid: st for pid, st in self.seen.items() if st is not None and start_time(pid) == st
         }
 
 

@@ -18,54 +18,20 @@ from .conftest import (
     GatewayProcess,
     Live,
     e2e_settings,
-    remove_data_dir,
-    serve_in_loop,
+    raw_exchange,
+    serving,
     short_tmp,
 )
 
 CHATTY = "def handler(request, ctx):\n    print('line', request.query.get('n'))\n    return 'ok'\n"
 
 
-@contextlib.asynccontextmanager
-async def _gateway() -> AsyncIterator[Live]:
-    data_dir = short_tmp()
-    try:
-        async with serve_in_loop(e2e_settings(data_dir)) as live:
-            async with live.client() as c:
-                await live.deploy(c, "chatty", CHATTY, public=True)
-            yield live
-    finally:
-        remove_data_dir(data_dir)
-
-
 @pytest.fixture
 async def gw() -> AsyncIterator[Live]:
-    async with _gateway() as live:
+    async with serving() as live:
+        async with live.client() as c:
+            await live.deploy(c, "chatty", CHATTY, public=True)
         yield live
-
-
-def _port(live: Live) -> int:
-    return int(live.url.rsplit(":", 1)[1])
-
-
-async def _exchange(live: Live, data: bytes, timeout_s: float = 20) -> bytes:
-    """Send ``data``, then read until the server closes (or the timeout)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", _port(live))
-    out = b""
-    try:
-        writer.write(data)
-        await writer.drain()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                while chunk := await reader.read(1 << 16):
-                    out += chunk
-    except ConnectionResetError:
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return out
 
 
 def _answers(out: bytes) -> list[tuple[int, dict[str, str], bytes]]:
@@ -91,7 +57,7 @@ async def test_connect_is_a_json_405_and_the_connection_closes(gw: Live, target:
     """It was closed with no byte sent: uvicorn raised parsing the authority
     form inside a parser callback, and that path wrote nothing."""
     raw = b"CONNECT " + target + b" HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
-    out = await _exchange(gw, raw)  # returns when the server closes, not at the timeout
+    out = await raw_exchange(gw, raw)  # returns when the server closes, not at the timeout
     [(status, headers, body)] = _answers(out)
     assert status == 405, out
     assert headers["content-type"] == "application/json" and headers["connection"] == "close"
@@ -103,7 +69,7 @@ async def test_connect_is_a_json_405_and_the_connection_closes(gw: Live, target:
 
 async def test_connect_behind_a_request_is_answered_after_it(gw: Live) -> None:
     good = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
-    out = await _exchange(gw, good + b"CONNECT example.com:443 HTTP/1.1\r\nHost: t\r\n\r\n")
+    out = await raw_exchange(gw, good + b"CONNECT example.com:443 HTTP/1.1\r\nHost: t\r\n\r\n")
     [(s1, _, b1), (s2, _, b2)] = _answers(out)
     assert s1 == 200 and json.loads(b1)["status"] == "ok", out
     assert s2 == 405 and json.loads(b2)["error"]["code"] == "method_not_allowed", out
@@ -137,7 +103,7 @@ async def test_connect_behind_a_request_is_answered_after_it(gw: Live) -> None:
 async def test_odd_methods_and_targets_get_a_json_answer(
     gw: Live, raw: bytes, status: int, code: str | None
 ) -> None:
-    out = await _exchange(
+    out = await raw_exchange(
         gw, raw + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     answers = _answers(out)
@@ -167,7 +133,7 @@ def _tail_request(key: str) -> bytes:
 async def _pipelined_tails_then_close(live: Live) -> None:
     """Three tails pipelined on one connection; once the first streams, the
     client goes and the function logs (which wakes the first tail to write)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", _port(live))
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
     writer.write(_tail_request(live.key) * 3)
     await writer.drain()
     got = b""
@@ -273,7 +239,7 @@ async def test_tails_on_separate_connections_still_count_and_free(gw: Live) -> N
     logbus = gw.app.state.gateway.logbus
     conns = []
     for _ in range(3):
-        reader, writer = await asyncio.open_connection("127.0.0.1", _port(gw))
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(_tail_request(gw.key))
         await writer.drain()
         async with asyncio.timeout(10):

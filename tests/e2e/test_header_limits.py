@@ -32,9 +32,8 @@ from .conftest import (
     GatewayProcess,
     Live,
     auth,
-    e2e_settings,
-    remove_data_dir,
-    serve_in_loop,
+    raw_exchange,
+    serving,
     short_tmp,
 )
 
@@ -45,61 +44,17 @@ ECHO = (
 CAP = 64 * 1024
 
 
-@contextlib.asynccontextmanager
-async def serve(head_timeout_s: float = 10.0, **overrides: Any) -> AsyncIterator[Live]:
-    """The gateway behind uvicorn with the header-limited protocol, port 0."""
-    data_dir = short_tmp()
-    try:
-        async with serve_in_loop(e2e_settings(data_dir, **overrides), head_timeout_s) as live:
-            yield live
-    finally:
-        remove_data_dir(data_dir)
-
-
 @pytest.fixture
 async def gw() -> AsyncIterator[Live]:
-    async with serve() as live:
+    async with serving() as live:
         async with live.client() as c:
             await live.deploy(c, "echo", ECHO, public=True)
         yield live
 
 
-def _port(live: Live) -> int:
-    return int(live.url.rsplit(":", 1)[1])
-
-
 def _head(target: str = "/fn/echo", extra: bytes = b"", *, close: bool = True) -> bytes:
     conn = b"Connection: close\r\n" if close else b""
     return b"GET " + target.encode() + b" HTTP/1.1\r\nHost: t\r\n" + conn + extra + b"\r\n"
-
-
-async def _exchange(live: Live, data: bytes) -> bytes:
-    """Send ``data`` (while reading: a refused sender is not read to the end),
-    then everything the server sends until it closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", _port(live))
-
-    async def send() -> None:
-        with contextlib.suppress(ConnectionError):
-            for i in range(0, len(data), 1 << 16):
-                writer.write(data[i : i + (1 << 16)])
-                await writer.drain()
-
-    sender = asyncio.create_task(send())
-    out = b""
-    try:
-        async with asyncio.timeout(20):
-            while chunk := await reader.read(1 << 16):
-                out += chunk
-    except ConnectionResetError:
-        pass
-    finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return out
 
 
 def _assert_431(raw: bytes, limit: int = CAP) -> None:
@@ -147,19 +102,19 @@ async def test_head_over_the_cap_is_431_without_an_invocation(
     gw: Live, request_bytes: bytes
 ) -> None:
     before = await _records(gw)
-    _assert_431(await _exchange(gw, request_bytes))
+    _assert_431(await raw_exchange(gw, request_bytes))
     assert await _records(gw) == before
 
 
 async def test_head_of_exactly_the_cap_is_served(gw: Live) -> None:
-    raw = await _exchange(gw, _padded(CAP))
+    raw = await raw_exchange(gw, _padded(CAP))
     assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
 
 
 async def test_head_just_under_the_cap_of_escaped_bytes_reaches_the_function(gw: Live) -> None:
     """Bytes 0x80-0xFF are six bytes each in the JSON frame sent to the jail:
     the default cap must keep even that under the runtime's frame-header cap."""
-    raw = await _exchange(gw, _padded(CAP - 16, b"\xff"))
+    raw = await raw_exchange(gw, _padded(CAP - 16, b"\xff"))
     assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
     (rec, *_) = await _records(gw)
     assert rec["outcome"] == "ok", rec
@@ -167,7 +122,7 @@ async def test_head_just_under_the_cap_of_escaped_bytes_reaches_the_function(gw:
 
 async def test_refused_at_the_cap_not_at_the_end_of_the_header(gw: Live) -> None:
     """Past the cap the answer comes at once: nothing waits for (or holds) the rest."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", _port(gw))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
         writer.write(_head(extra=b"")[:-2] + b"X-Big: " + b"a" * (CAP + 1024))
         await writer.drain()
@@ -193,7 +148,7 @@ async def test_trailers_over_the_cap_end_the_connection_without_an_invocation(
     before = await _records(gw)
     head = b"POST /fn/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = b"3\r\nabc\r\n0\r\nX-Trailer: " + b"t" * (CAP + 10) + b"\r\n\r\n"
-    raw = await _exchange(gw, head + body)
+    raw = await raw_exchange(gw, head + body)
     assert b"HTTP/1.1 200" not in raw, raw[:300]
     assert await _records(gw) == before
     async with gw.client() as c:
@@ -205,7 +160,7 @@ async def test_keep_alive_connection_is_not_reused_after_431(gw: Live) -> None:
     connection ends; a new connection is served."""
     refused = _head(extra=b"X-Big: " + b"a" * (CAP + 10) + b"\r\n", close=False)
     follower = _head("/healthz", close=False)
-    raw = await _exchange(gw, refused + follower)
+    raw = await raw_exchange(gw, refused + follower)
     _assert_431(raw)
     assert raw.count(b"HTTP/1.1 ") == 1, raw[:600]
     async with gw.client() as c:
@@ -219,7 +174,7 @@ async def test_refused_heads_do_not_throttle_the_function(gw: Live) -> None:
         assert r.status_code == 200, r.text
     strikes = gw.settings.penalty_strikes
     for _ in range(strikes + 2):
-        _assert_431(await _exchange(gw, _head(extra=b"X-Big: " + b"a" * 1_100_000 + b"\r\n")))
+        _assert_431(await raw_exchange(gw, _head(extra=b"X-Big: " + b"a" * 1_100_000 + b"\r\n")))
     async with gw.client() as c:
         r = await c.get("/fn/echo")
         assert r.status_code == 200, r.text
@@ -232,12 +187,12 @@ async def test_refused_heads_do_not_throttle_the_function(gw: Live) -> None:
 
 
 async def test_cap_follows_the_setting() -> None:
-    async with serve(max_header_bytes=4096) as live:
+    async with serving(max_header_bytes=4096) as live:
         async with live.client() as c:
             await live.deploy(c, "echo", ECHO, public=True)
             r = await c.get("/fn/echo", headers={"X-Pad": "p" * 3000})
             assert r.status_code == 200, r.text
-        _assert_431(await _exchange(live, _padded(4097)), 4096)
+        _assert_431(await raw_exchange(live, _padded(4097)), 4096)
 
 
 @pytest.mark.parametrize("bad", [0, MIN_MAX_HEADER_BYTES - 1, MAX_MAX_HEADER_BYTES + 1])
@@ -285,8 +240,8 @@ async def test_nsfaas_serve_rejects_a_bad_cap(tmp_path: Path) -> None:
 async def test_a_head_that_does_not_arrive_in_time_loses_its_connection() -> None:
     """A connection that sends nothing, or its head a byte at a time, used to be
     held for ever (a file descriptor each); a request in progress is not."""
-    async with serve(head_timeout_s=0.5) as live:
-        port = int(live.url.rsplit(":", 1)[1])
+    async with serving(head_timeout_s=0.5) as live:
+        port = live.port
         idle = await asyncio.open_connection("127.0.0.1", port)
         crawl = await asyncio.open_connection("127.0.0.1", port)
         crawl[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the end

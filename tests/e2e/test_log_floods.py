@@ -20,7 +20,7 @@ import httpx
 
 from gateway.logbus import LINE_OVERHEAD
 
-from .conftest import Live, auth, e2e_settings, remove_data_dir, serve_in_loop, short_tmp
+from .conftest import Live, auth, serving
 
 CHATTY = (
     "import sys\n"
@@ -33,15 +33,8 @@ CHATTY = (
 
 @contextlib.asynccontextmanager
 async def gateway(**overrides: Any) -> AsyncIterator[tuple[Live, httpx.AsyncClient]]:
-    data_dir = short_tmp()
-    try:
-        async with (
-            serve_in_loop(e2e_settings(data_dir, **overrides)) as live,
-            httpx.AsyncClient(base_url=live.url, timeout=30) as c,
-        ):
-            yield live, c
-    finally:
-        remove_data_dir(data_dir)
+    async with serving(**overrides) as live, live.client(timeout=30) as c:
+        yield live, c
 
 
 async def _records(c: httpx.AsyncClient, key: str, name: str) -> list[dict[str, object]]:

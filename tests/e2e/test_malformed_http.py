@@ -4,49 +4,23 @@ A real uvicorn with the gateway's protocol, raw bytes over loopback."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from .conftest import Live, e2e_settings, remove_data_dir, serve_in_loop, short_tmp
+from .conftest import Live, raw_exchange, serving
 
 ECHO = "def handler(request, ctx):\n    return {'body': len(request.body)}\n"
 
 
 @pytest.fixture
 async def gw() -> AsyncIterator[Live]:
-    data_dir = short_tmp()
-    try:
-        async with serve_in_loop(e2e_settings(data_dir)) as live:
-            async with live.client() as c:
-                await live.deploy(c, "echo", ECHO, public=True)
-            yield live
-    finally:
-        remove_data_dir(data_dir)
-
-
-async def _exchange(live: Live, data: bytes) -> bytes:
-    """Send ``data``, then read until the server closes."""
-    port = int(live.url.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    out = b""
-    try:
-        writer.write(data)
-        await writer.drain()
-        async with asyncio.timeout(20):
-            while chunk := await reader.read(1 << 16):
-                out += chunk
-    except ConnectionResetError:
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return out
+    async with serving() as live:
+        async with live.client() as c:
+            await live.deploy(c, "echo", ECHO, public=True)
+        yield live
 
 
 async def _records(live: Live) -> list[dict[str, Any]]:
@@ -75,7 +49,7 @@ CHUNKED = b"POST /fn/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\
 )
 async def test_a_malformed_request_is_a_json_400(gw: Live, raw: bytes) -> None:
     before = await _records(gw)
-    out = await _exchange(gw, raw)
+    out = await raw_exchange(gw, raw)
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), out[:300]
     lines = head.lower().split(b"\r\n")
@@ -93,7 +67,7 @@ async def test_a_bad_request_after_a_good_one_on_the_same_connection(gw: Live) -
     """The first answer is whole, then the 400 for the second (uvicorn wrote
     its 400 at once, where the client took it for the first request's answer)."""
     good = b"GET /fn/echo HTTP/1.1\r\nHost: t\r\n\r\n"
-    out = await _exchange(gw, good + b"FOO / HTTP/1.1\r\nHost: t\r\n\r\n")
+    out = await raw_exchange(gw, good + b"FOO / HTTP/1.1\r\nHost: t\r\n\r\n")
     first, _, rest = out.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200 "), out[:300]
     answer, _, second = rest.partition(b"HTTP/1.1 ")
@@ -104,7 +78,7 @@ async def test_a_bad_request_after_a_good_one_on_the_same_connection(gw: Live) -
 async def test_the_gateway_serves_on_after_a_bad_chunk(gw: Live) -> None:
     """The request whose body broke gets the 400; the app's own answer to it
     (a disconnect) is dropped, and the gateway goes on serving."""
-    out = await _exchange(gw, CHUNKED + b"5\r\nhello\r\nzz\r\n")
+    out = await raw_exchange(gw, CHUNKED + b"5\r\nhello\r\nzz\r\n")
     assert out.startswith(b"HTTP/1.1 400 ") and out.count(b"HTTP/1.1") == 1, out
     async with gw.client() as c:
         r = await c.post("/fn/echo", content=b"abc")
@@ -115,7 +89,7 @@ async def test_a_head_over_the_cap_behind_a_request_is_431_after_its_answer(gw: 
     """It used to close the connection, and the earlier request's answer with it."""
     good = b"GET /fn/echo HTTP/1.1\r\nHost: t\r\n\r\n"
     big = b"GET /fn/echo HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
-    out = await _exchange(gw, good + big)
+    out = await raw_exchange(gw, good + big)
     first, _, rest = out.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200 "), out[:300]
     answer, _, second = rest.partition(b"HTTP/1.1 ")
