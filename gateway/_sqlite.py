@@ -38,6 +38,7 @@ from gateway.store import (
     Store,
     StoreError,
     Tenant,
+    UploadQuota,
     parse_route,
 )
 
@@ -303,19 +304,40 @@ class SqliteStore(Store):
     # -- functions ------------------------------------------------------------------------
 
     async def put_function(
-        self, tenant_id: str, name: str, digest: str, size: int, config: FunctionConfig
+        self,
+        tenant_id: str,
+        name: str,
+        digest: str,
+        size: int,
+        config: FunctionConfig,
+        *,
+        unpacked: int = 0,
+        quota: UploadQuota | None = None,
     ) -> tuple[FunctionVersion, bool]:
         path = self.blob_path(digest)
-        for route in config.routes:
-            parse_route(route)  # fail on syntax before queueing behind other writes
 
         def op(conn: sqlite3.Connection) -> tuple[FunctionVersion, bool]:
             # A version may only point to a blob that is already durably stored.
             if not path.is_file():
                 raise NotFound("blob_not_found", f"blob {digest} not found")
-            return catalog.put_function(conn, tenant_id, name, digest, size, config, time.time())
+            return catalog.put_function(
+                conn, tenant_id, name, digest, size, config, time.time(), unpacked, quota
+            )
 
-        return await self._write(op)
+        try:
+            for route in config.routes:
+                parse_route(route)  # fail on syntax before queueing behind other writes
+            return await self._write(op)
+        except Exception as exc:
+            if getattr(exc, "code", None) != "blob_not_found":
+                # Refused (a taken route, a quota...): the blob written for this
+                # upload must not stay on disk with no version to account for it
+                # (collect keeps it if a version uses it, whoever wrote that).
+                await self._collect([digest])
+            raise
+
+    async def code_usage(self, tenant_id: str) -> int:
+        return await self._read(lambda c: catalog.code_usage(c, tenant_id))
 
     async def get_function(self, tenant_id: str, name: str) -> FunctionInfo:
         return await self._read(lambda c: catalog.get_function(c, tenant_id, name))
@@ -340,6 +362,10 @@ class SqliteStore(Store):
 
     async def delete_function(self, tenant_id: str, name: str) -> list[str]:
         digests = await self._write(lambda c: catalog.delete_function(c, tenant_id, name))
+        return await self._collect(digests)
+
+    async def _collect(self, digests: list[str]) -> list[str]:
+        """Delete the blobs among `digests` that no version uses; the ones deleted."""
 
         def collect(conn: sqlite3.Connection) -> list[str]:
             # A write of its own, so it is ordered with every put_function: one

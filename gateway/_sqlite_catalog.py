@@ -18,6 +18,7 @@ from gateway.store import (
     NotFound,
     RouteEntry,
     Tenant,
+    UploadQuota,
     methods_overlap,
     parse_route,
     paths_overlap,
@@ -75,11 +76,15 @@ def put_function(
     size: int,
     config: FunctionConfig,
     now: float,
+    unpacked: int = 0,
+    quota: UploadQuota | None = None,
 ) -> tuple[FunctionVersion, bool]:
     get_tenant(conn, tenant_id)
     owner = find_function(conn, name)
     if owner is not None and owner.tenant_id != tenant_id:
         raise Conflict("name_taken", f"the function name {name!r} is taken")
+    if quota is not None:
+        _check_quota(conn, tenant_id, name, owner is None, size + unpacked, quota)
     routes = [parse_route(r) for r in config.routes]
     _claim_routes(conn, tenant_id, name, routes)
     (version,) = conn.execute(
@@ -105,11 +110,51 @@ def put_function(
             (version, version, now, tenant_id, name),
         )
     conn.execute(
-        """INSERT INTO versions (tenant_id, name, version, digest, size, config, created_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?)""",
-        (tenant_id, name, version, digest, size, json.dumps(config.to_json()), now),
+        """INSERT INTO versions (tenant_id, name, version, digest, size, config, created_at,
+                                 unpacked)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+        (tenant_id, name, version, digest, size, json.dumps(config.to_json()), now, unpacked),
     )
     return FunctionVersion(tenant_id, name, version, digest, config, now, size), created
+
+
+def _check_quota(
+    conn: sqlite3.Connection, tenant_id: str, name: str, new: bool, adds: int, quota: UploadQuota
+) -> None:
+    """In the upload's own transaction, so concurrent uploads cannot overshoot together."""
+    if new:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM functions WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        if n >= quota.functions:
+            raise Conflict("function_limit", f"a tenant has at most {quota.functions} functions")
+    else:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM versions WHERE tenant_id = ? AND name = ?", (tenant_id, name)
+        ).fetchone()
+        if n >= quota.versions:
+            raise Conflict(
+                "version_limit",
+                f"a function keeps at most {quota.versions} versions; delete and "
+                "re-create it to start over",
+            )
+    if quota.code_bytes:
+        used = code_usage(conn, tenant_id)
+        if used + adds > quota.code_bytes:
+            raise Conflict(
+                "code_quota",
+                f"this version takes {adds} bytes (archive plus unpacked files) and the "
+                f"tenant's versions already take {used} of its {quota.code_bytes}; delete "
+                "functions (every version of a function counts) to free space",
+            )
+
+
+def code_usage(conn: sqlite3.Connection, tenant_id: str) -> int:
+    (used,) = conn.execute(
+        "SELECT coalesce(sum(size + unpacked), 0) FROM versions WHERE tenant_id = ?",
+        (tenant_id,),
+    ).fetchone()
+    return int(used)
 
 
 def get_function(conn: sqlite3.Connection, tenant_id: str, name: str) -> FunctionInfo:

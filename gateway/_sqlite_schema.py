@@ -148,6 +148,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX log_marks_ts ON log_marks (max_ts)",
     ),
+    (
+        # Bytes of the version's files once unpacked (0 for versions stored before
+        # this column): with `size` it is what the tenant's code quota counts.
+        "ALTER TABLE versions ADD COLUMN unpacked INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 # Full-text index over log messages, kept by triggers (logs are never updated). Its `scope`

@@ -22,7 +22,15 @@ from .http import (
     read_body,
     reject_unknown_query,
 )
-from .store import Conflict, FunctionConfig, FunctionInfo, FunctionVersion, NotFound, parse_route
+from .store import (
+    Conflict,
+    FunctionConfig,
+    FunctionInfo,
+    FunctionVersion,
+    NotFound,
+    UploadQuota,
+    parse_route,
+)
 from .upload import CodeBundle, UploadError, UploadLimits, bundle_from_source, bundle_from_zip
 
 if TYPE_CHECKING:
@@ -282,26 +290,18 @@ async def _put_function(
     owner = await gw.store.find_function(name)
     if owner is not None and owner.tenant_id != who.tenant_id:
         raise ApiError(409, "name_taken", f"the function name {name!r} is taken")
-    # Every version is kept, so uploads are what could fill the disk: cap them.
-    if owner is None:
-        if len(await gw.store.list_functions(who.tenant_id)) >= s.max_functions_per_tenant:
-            raise ApiError(
-                409,
-                "function_limit",
-                f"a tenant has at most {s.max_functions_per_tenant} functions",
-            )
-    elif len(await gw.store.list_versions(who.tenant_id, name)) >= s.max_versions_per_function:
-        raise ApiError(
-            409,
-            "version_limit",
-            f"a function keeps at most {s.max_versions_per_function} versions; delete and "
-            "re-create it to start over",
-        )
+    # Every version is kept, so uploads are what could fill the disk: the store
+    # checks these in the version's own write (concurrent uploads cannot overshoot)
+    # and drops the blob of an upload it refuses.
+    quota = UploadQuota(
+        s.max_functions_per_tenant, s.max_versions_per_function, s.tenant_code_bytes
+    )
+    unpacked = sum(len(content) for _, content in bundle.files)
     for attempt in range(2):
         digest = await gw.store.put_blob(blob)
         try:
             fv, created = await gw.store.put_function(
-                who.tenant_id, name, digest, len(blob), config
+                who.tenant_id, name, digest, len(blob), config, unpacked=unpacked, quota=quota
             )
             break
         except Conflict as exc:
@@ -345,7 +345,11 @@ async def list_functions(gw: Gateway, request: Request) -> Response:
     for info in await gw.store.list_functions(who.scope()):
         fv = await gw.store.get_version(info.tenant_id, info.name, None)
         items.append(info_json(info, fv))
-    return JSONResponse({"functions": items})
+    usage = {
+        "code_bytes": await gw.store.code_usage(who.tenant_id),
+        "code_bytes_limit": gw.settings.tenant_code_bytes or None,
+    }
+    return JSONResponse({"functions": items, "usage": usage})
 
 
 async def delete_function(gw: Gateway, request: Request) -> Response:

@@ -53,6 +53,10 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_functions_per_tenant: int = 200
     max_versions_per_function: int = 500
+    # Code a tenant keeps, all functions and versions together: each version's
+    # archive plus its unpacked files (what the jail dir holds once it runs).
+    # 0: no cap.
+    tenant_code_bytes: int = 1024 * 1024 * 1024
     # Logs retention (per function).
     log_retention_lines: int = 100_000
     log_retention_s: float = 7 * 24 * 3600.0

@@ -77,7 +77,10 @@ async def deploy_examples(gw: Gateway, folder: Path) -> None:
             if current.digest == digest and current.config == config:
                 continue
         try:
-            fv, _ = await gw.store.put_function(tenant, name, digest, len(blob), config)
+            unpacked = sum(len(content) for _, content in bundle.files)
+            fv, _ = await gw.store.put_function(
+                tenant, name, digest, len(blob), config, unpacked=unpacked
+            )
         except Conflict as exc:
             log.error("example_conflict", function=name, error=exc.message)
             continue

@@ -49,7 +49,10 @@ SCHEMAS: dict[str, Any] = {
         }
     ),
     "FunctionList": _obj(
-        {"functions": {"type": "array", "items": {"$ref": "#/components/schemas/Function"}}}
+        {
+            "functions": {"type": "array", "items": {"$ref": "#/components/schemas/Function"}},
+            "usage": _obj({"code_bytes": INT, "code_bytes_limit": NINT}),
+        }
     ),
     "VersionList": _obj(
         {

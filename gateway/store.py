@@ -295,6 +295,15 @@ class FunctionVersion:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadQuota:
+    """What an upload may add to, checked in the same write as its version."""
+
+    functions: int  # per tenant
+    versions: int  # per function
+    code_bytes: int  # per tenant: every version's archive plus unpacked bytes (0: no cap)
+
+
+@dataclass(frozen=True, slots=True)
 class FunctionInfo:
     tenant_id: str
     name: str
@@ -437,13 +446,27 @@ class Store(abc.ABC):
     # functions and versions
     @abc.abstractmethod
     async def put_function(
-        self, tenant_id: str, name: str, digest: str, size: int, config: FunctionConfig
+        self,
+        tenant_id: str,
+        name: str,
+        digest: str,
+        size: int,
+        config: FunctionConfig,
+        *,
+        unpacked: int = 0,
+        quota: UploadQuota | None = None,
     ) -> tuple[FunctionVersion, bool]:
         """Add a version, make it active and claim its routes; True if the function is new.
 
         Version numbers only grow, even across rollback and delete. A route that collides
-        with another function's raises ``Conflict("route_conflict")`` and writes nothing.
+        with another function's raises ``Conflict("route_conflict")`` and writes nothing;
+        so does an upload past `quota` (``function_limit``, ``version_limit``,
+        ``code_quota``). A failed upload's blob goes too unless a version uses it.
         """
+
+    @abc.abstractmethod
+    async def code_usage(self, tenant_id: str) -> int:
+        """Bytes the tenant's versions count against ``UploadQuota.code_bytes``."""
 
     @abc.abstractmethod
     async def get_function(self, tenant_id: str, name: str) -> FunctionInfo: ...

@@ -63,9 +63,11 @@ def make_settings(data_dir: Path, **kw: object) -> Settings:
 
 @pytest.fixture
 async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
-    """Warm by default; ``@pytest.mark.parametrize("api", ["warm", "cold"], indirect=True)``."""
-    mode = getattr(request, "param", "warm")
-    settings = make_settings(tmp_path / "data", warm=mode == "warm")
+    """Warm by default; ``@pytest.mark.parametrize("api", ["warm", "cold"], indirect=True)``,
+    or a dict of settings (``[{"tenant_code_bytes": 1000}]``)."""
+    param = getattr(request, "param", "warm")
+    kw = dict(param) if isinstance(param, dict) else {"warm": param == "warm"}
+    settings = make_settings(tmp_path / "data", **kw)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

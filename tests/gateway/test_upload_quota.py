@@ -1,0 +1,104 @@
+"""What uploads may keep on disk: the per-tenant code quota, the function and
+version caps under concurrent uploads, and no blob left behind by a refused upload."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from .conftest import Api
+
+
+def blobs(api: Api) -> set[str]:
+    return {f.name for f in (api.settings.data_dir / "blobs").rglob("*") if f.is_file()}
+
+
+def padded(n: int, tag: str) -> str:
+    """A function whose source is about `n` bytes of incompressible text."""
+    return f"PAD = {os.urandom(n // 2).hex()!r}\ndef handler(r, c):\n    return {tag!r}\n"
+
+
+@pytest.mark.parametrize("api", [{"tenant_code_bytes": 80_000}], indirect=True)
+async def test_code_quota_counts_every_version_and_frees_on_delete(api: Api) -> None:
+    key = await api.tenant("acme")
+    r = await api.client.get("/api/v1/functions", headers=api.auth(key))
+    assert r.json()["usage"] == {"code_bytes": 0, "code_bytes_limit": 80_000}
+    # 20 KB unpacked; its hex digits deflate to about half: ~31 KB a version
+    await api.deploy("q1", padded(20_000, "v1"), key=key)
+    await api.deploy("q1", padded(20_000, "v2"), key=key)
+    used = (await api.client.get("/api/v1/functions", headers=api.auth(key))).json()["usage"]
+    assert 55_000 <= used["code_bytes"] <= 70_000, used
+    one = used["code_bytes"] / 2
+    before = blobs(api)
+    for name in ("q1", "q2"):  # a new version or a new function: both count
+        r = await api.client.put(
+            f"/api/v1/functions/{name}", json={"source": padded(20_000, "v3")}, headers=api.auth(key)
+        )
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert err["code"] == "code_quota" and "80000" in err["message"], err
+    assert blobs(api) == before, "a refused upload left its blob on disk"
+    # Another tenant's quota is its own.
+    other = await api.tenant("other")
+    await api.deploy("o1", padded(20_000, "o"), key=other)
+    # Deleting frees the quota (and the blobs).
+    assert (await api.client.delete("/api/v1/functions/q1", headers=api.auth(key))).status_code == 204
+    await api.deploy("q2", padded(20_000, "v4"), key=key, public=True)
+    r = await api.client.get("/fn/q2")
+    assert (r.status_code, r.text) == (200, "v4")
+    used = (await api.client.get("/api/v1/functions", headers=api.auth(key))).json()["usage"]
+    assert abs(used["code_bytes"] - one) < 1_000, (used, one)
+
+
+async def test_a_refused_upload_leaves_no_blob(api: Api) -> None:
+    """A route taken by another tenant is refused after the blob is written: the
+    blob used to stay with nothing pointing at it, so repeating the refused
+    upload with new bytes filled the disk, quota or not."""
+    await api.deploy("owner", "def handler(r, c):\n    return {\"n\": 1}\n", routes=["GET /taken/{x}"])
+    key = await api.tenant("squatter")
+    before = blobs(api)
+    for i in range(3):
+        r = await api.client.put(
+            "/api/v1/functions/squat",
+            json={"source": padded(50_000, str(i)), "routes": ["GET /taken/{y}"]},
+            headers=api.auth(key),
+        )
+        assert r.status_code == 409 and r.json()["error"]["code"] == "route_conflict", r.text
+    assert blobs(api) == before
+    # The same code as a stored version is refused too, and that blob stays.
+    src = "def handler(r, c):\n    return {\"n\": 1}\n"
+    r = await api.client.put(
+        "/api/v1/functions/squat", json={"source": src, "routes": ["GET /taken/{y}"]},
+        headers=api.auth(key),
+    )
+    assert r.status_code == 409
+    assert blobs(api) == before
+    r = await api.client.get("/taken/1", headers=api.auth())
+    assert (r.status_code, r.json()) == (200, {"n": 1})
+
+
+@pytest.mark.parametrize(
+    "api", [{"max_functions_per_tenant": 3, "max_versions_per_function": 3}], indirect=True
+)
+async def test_concurrent_uploads_do_not_overshoot_the_caps(api: Api) -> None:
+    key = await api.tenant("burst")
+
+    async def put(name: str, tag: str) -> int:
+        r = await api.client.put(
+            f"/api/v1/functions/{name}", json={"source": padded(2_000, tag)}, headers=api.auth(key)
+        )
+        assert r.status_code in (200, 201, 409), r.text
+        if r.status_code == 409:
+            assert r.json()["error"]["code"] in ("function_limit", "version_limit"), r.text
+        return r.status_code
+
+    codes = await asyncio.gather(*(put(f"f{i}", str(i)) for i in range(12)))
+    assert codes.count(201) == 3 and codes.count(409) == 9, codes
+    r = await api.client.get("/api/v1/functions", headers=api.auth(key))
+    names = [f["name"] for f in r.json()["functions"]]
+    assert len(names) == 3
+    codes = await asyncio.gather(*(put(names[0], f"v{i}") for i in range(12)))
+    assert codes.count(200) == 2 and codes.count(409) == 10, codes
+    assert len(blobs(api)) == 3 + 2  # one per stored version, none for the refused
