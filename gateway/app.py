@@ -133,6 +133,7 @@ class Gateway:
                 python=s.runtime_python,
                 base_cfg=s.jail_config,
                 spare_launchers=s.spare_launchers,
+                uid_base=s.jail_uid_base,
                 usual_limits=Limits(
                     memory_mb=s.default_memory_mb, pids=s.pids, cpu_ms_per_sec=s.cpu_ms_per_sec
                 ),

@@ -80,6 +80,9 @@ class Settings:
     warm_min_workers: int = 0  # started ahead of traffic per function version
     warm_memory_budget_mb: int = 2048  # sum of memory limits of idle warm workers
     spare_launchers: int = 2  # launchers waiting inside cgroup slots for the next jail start
+    # Each jail runs as an outside uid of its own, from a band above this
+    # (jail.cgroups); 0: every jail as 65534, the policy's own map.
+    jail_uid_base: int = 0x70000000
     proxy_rate_per_s: float = 200.0  # host-proxy calls per invocation per second (burst = 2x)
     # ctx.http.fetch reaches public addresses only; these (comma-separated
     # addresses or CIDR blocks) too, e.g. "10.1.2.0/24" for a service of yours.

@@ -34,6 +34,19 @@ class Cgroups:
 
 
 SLOT_PREFIX = "slot-"
+# Outside uids of jails: each slot (so each live jail) gets its own, so no two
+# jails share a uid's kernel counters (pipe buffers, epoll watches, fds in
+# flight) or its signal/ptrace rights. A pool takes a random band of 65,536 in
+# 0x70000000-0x7F9FFFFF: above systemd's container range (which ends at
+# 0x6FFFFFFF), below its foreign range (0x7FFE0000). docs/jail.md.
+JAIL_UID_BASE = 0x70000000
+JAIL_UID_BANDS = 4000
+JAIL_UID_BAND = 65536
+
+
+def is_jail_uid(uid: int) -> bool:
+    """Could a process of this outside uid be a jail's (either uid scheme)?"""
+    return uid == 65534 or JAIL_UID_BASE <= uid < JAIL_UID_BASE + JAIL_UID_BANDS * JAIL_UID_BAND
 JAILS_CPU_SHARES = 512  # v1; a task of the gateway weighs 1024
 JAILS_CPU_WEIGHT = 50  # v2; the default weight is 100
 # A call that runs longer than LONG_CALL_S (see Worker) yields contended CPU to
@@ -81,8 +94,13 @@ class SlotPool:
     (OOM kills, pids-limit hits) stay readable after the jail is gone.
     """
 
-    def __init__(self, groups: Cgroups) -> None:
+    def __init__(self, groups: Cgroups, uid_base: int = 0) -> None:
+        """`uid_base`: 0 leaves every jail the cfg's uid map (65534 for all);
+        else each slot gets a uid of its own from a random band above it."""
         self.groups = groups
+        band = secrets.randbelow(JAIL_UID_BANDS) * JAIL_UID_BAND
+        self._uid0 = uid_base + band if uid_base else 0
+        self._uids: dict[str, int] = {}  # slot -> outside uid, unique among existing slots
         self._free: list[str] = []
         self._next = 0
         self._naming = threading.Lock()
@@ -198,6 +216,13 @@ class SlotPool:
         with self._naming:
             self._next += 1
             name = f"{self._prefix}{self._next}"
+            if self._uid0:
+                taken = set(self._uids.values())
+                uid = next(u for u in range(self._uid0, self._uid0 + JAIL_UID_BAND + 1)
+                           if u not in taken)
+                if uid == self._uid0 + JAIL_UID_BAND:
+                    raise OSError(errno.EMFILE, "every outside uid of this pool is in use")
+                self._uids[name] = uid
         for d in self.dirs(name):
             d.mkdir(exist_ok=True)
         return name
@@ -279,7 +304,15 @@ class SlotPool:
             return  # the sweep at the next start-up removes it
         self._free.append(name)
 
+    def uid(self, name: str) -> int | None:
+        """The slot's own outside uid, or None (the cfg's shared mapping)."""
+        return self._uids.get(name)
+
     def _remove(self, name: str) -> None:
+        # Its uid is free again only now: a slot that still held a process
+        # (release() keeps it) is never removed, so its uid is never reused.
+        with self._naming:
+            self._uids.pop(name, None)
         self._limits.pop(name, None)
         self._long.pop(name, None)
         for fd in self._counter_fds.pop(name, ()):

@@ -9,6 +9,7 @@ are ever produced; nothing a tenant sends reaches this list unvalidated
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from .limits import Limits
 if TYPE_CHECKING:
     from .launcher import Launchers
 
+JAIL_ID = 65534  # the only uid and gid inside a jail (nobody/nogroup)
 RUNTIME_DST = "/opt/nsfaas"
 CODE_DST = "/function"
 PROXY_DST = "/run/nsfaas"
@@ -45,6 +47,9 @@ class JailConfig:
     slots: SlotPool
     shell: Path = Path("/bin/sh")
     launchers: Launchers | None = None  # prepared, already-joined launchers (cold starts)
+    # base_cfg has no uidmap/gidmap: every jail must be given its own uid
+    # (build_command refuses one without: nsjail would map the caller, root).
+    per_jail_uid: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,16 @@ BOOT = (
 LAUNCHER = 'echo $$ > "$1" && echo $$ > "$2" && echo $$ > "$3" && shift 3 && exec "$@"'
 
 
+_ID_MAP = re.compile(r"^[ \t]*[ug]idmap\s*\{[^}]*\}[^\n]*\n?", re.MULTILINE)
+
+
+def without_id_maps(cfg_text: str) -> str:
+    """The base policy minus its uidmap/gidmap entries, for jails whose ids are
+    mapped per jail on the command line (nsjail would apply both, and the
+    kernel refuses a second mapping of the same inside id)."""
+    return _ID_MAP.sub("", cfg_text)
+
+
 def build_command(
     config: JailConfig,
     spec: JailSpec,
@@ -102,7 +117,12 @@ def build_command(
     ctl_fd: int,
     log_fd: int,
     cgroup_procs: Sequence[Path],
+    uid: int | None = None,
 ) -> list[str]:
+    """`uid`: the jail's own outside uid (its slot's), mapped to 65534 inside;
+    None keeps the base policy's own uidmap/gidmap."""
+    if config.per_jail_uid and uid is None:
+        raise ValueError("this policy has no uid map: the jail needs its own uid")
     lim = spec.limits
     interp = config.interpreter
     procs = [str(p) for p in cgroup_procs]
@@ -128,6 +148,8 @@ def build_command(
         "--rlimit_nofile",
         str(lim.open_files),
     ]
+    if uid is not None:
+        cmd += ["--user", f"{JAIL_ID}:{uid}:1", "--group", f"{JAIL_ID}:{uid}:1"]
     for src, dst in interp.binds:
         cmd += ["--bindmount_ro", f"{src}:{dst}"]
     for target, link in interp.symlinks:

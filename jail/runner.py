@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import _interp, cgroups
-from .command import JailConfig, JailSpec, slot_limits_for
+from .command import JailConfig, JailSpec, slot_limits_for, without_id_maps
 from .errors import JailError, JailUnavailable
 from .launcher import Launchers
 from .limits import Limits
@@ -157,6 +157,7 @@ class JailRunner:
         cgroup_parent: str = "nsfaas",
         spare_launchers: int = 2,
         usual_limits: Limits | None = None,
+        uid_base: int = cgroups.JAIL_UID_BASE,
     ) -> JailRunner:
         """Blocking set-up (call it from a thread): finds nsjail and the
         interpreter, prepares cgroups and the runtime. Raises JailUnavailable."""
@@ -169,7 +170,7 @@ class JailRunner:
         if not cfg.is_file():
             raise JailUnavailable(f"jail policy {cfg} not found (set NSFAAS_JAIL_CONFIG)")
         groups = cgroups.setup(cgroup_parent)
-        slots = cgroups.SlotPool(groups)
+        slots = cgroups.SlotPool(groups, uid_base)
         slots.sweep()
         shell = shutil.which("sh") or "/bin/sh"
         if not os.access(shell, os.X_OK):
@@ -178,9 +179,16 @@ class JailRunner:
         runtime = install_runtime(jail_dir, interpreter.exe)
         make_dir(jail_dir / "code")
         make_dir(jail_dir / "sock")
+        if uid_base:
+            # Each jail's ids are mapped on its command line (its slot's uid):
+            # the policy's own map, one uid for all jails, must go.
+            derived = jail_dir / "nsjail-per-jail-uid.cfg"
+            derived.write_text(without_id_maps(cfg.read_text()))
+            cfg = derived
         config = JailConfig(
             nsjail=find_nsjail(nsjail),
             base_cfg=cfg,
+            per_jail_uid=bool(uid_base),
             interpreter=interpreter,
             runtime_dir=runtime,
             cgroups=groups,

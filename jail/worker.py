@@ -529,6 +529,7 @@ class Worker:
                 ctl_fd=jail.fileno(),
                 log_fd=log_w,
                 cgroup_procs=self.config.slots.procs_files(slot),
+                uid=self.config.slots.uid(slot),
             )
             self.proc = await spawn(cmd, stdin=False, pass_fds=(jail.fileno(), log_w))
         except OSError as exc:
@@ -555,6 +556,7 @@ class Worker:
                 ctl_fd=prepared.ctl_fd,
                 log_fd=prepared.log_fd,
                 cgroup_procs=self.config.slots.procs_files(prepared.slot),
+                uid=self.config.slots.uid(prepared.slot),
             )
             prepared.launch(cmd[cmd.index(str(self.config.nsjail)) :])
         except OSError as exc:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from jail import Invocation, JailResult, JailRunner, JailSpec, Limits, Worker
+from jail.cgroups import is_jail_uid
 
-JAIL_UID = 65534  # the outside uid every jail runs as (JailRunner's default)
 Deploy = Callable[[str], Path]
 
 GOOD = """\
@@ -220,7 +220,7 @@ def jail_uid_processes(owner: int | None = None) -> dict[int, str]:
             continue
         st = _status(entry)
         uids = st.get("Uid", "").split()
-        if not uids or int(uids[0]) != JAIL_UID:
+        if not uids or not is_jail_uid(int(uids[0])):
             continue
         pid, ours = entry, True
         for _ in range(64):  # walk up to the nsjail that started it

@@ -34,9 +34,9 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.httpproto import header_limited_protocol
 from jail import choose_jail_dir
+from jail.cgroups import is_jail_uid
 
 ADMIN = "e2e-admin-key"
-JAIL_UID = 65534
 CGROUP_V1 = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "nsfaas"
 CONTROLLERS = ("memory", "pids", "cpu")
@@ -384,7 +384,7 @@ def orphaned_jail_processes(owner: int) -> dict[int, str]:
         if not entry.isdigit():
             continue
         uids = _status(entry).get("Uid", "").split()
-        if not uids or int(uids[0]) != JAIL_UID:
+        if not uids or not is_jail_uid(int(uids[0])):
             continue
         pid, ours = entry, True
         for _ in range(64):

@@ -12,9 +12,12 @@ inotify_init/inotify_init1.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+from dataclasses import replace
+from pathlib import Path
 
-from tests.jailtest import Jail, body_json
+from tests.jailtest import FAST, Jail, body_json, jail_uid_processes
 
 SIGPENDING = 64  # the zygote's limit (jail/runtime/bootstrap.py)
 
@@ -95,3 +98,104 @@ async def test_inotify_instances_are_refused(jail: Jail, mode: str) -> None:
     if mode == "warm":
         assert fn.alive
     await fn.assert_recovers()
+
+
+# One jail raises its outside uid's pipe-buffer count past fs.pipe-user-pages-soft
+# (16,384 pages here) and holds it: four processes, 25 pipes each, each pipe
+# resized to 1 MiB (the count is charged at resize, no memory needed).
+PIPE_HOG = """
+import fcntl, os, time
+
+def hold(n):
+    pipes = []
+    for _ in range(n):
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+        except OSError:
+            break
+        pipes.append((r, w))
+    return pipes
+
+def handler(request, ctx):
+    kids = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:
+            held = hold(25)
+            time.sleep(3)
+            os._exit(0)
+        kids.append(pid)
+    held = hold(25)
+    time.sleep(3)
+    for pid in kids:
+        os.waitpid(pid, 0)
+    return {"held": len(held)}
+"""
+
+PIPE_USER = """
+import fcntl, os
+
+def handler(request, ctx):
+    r, w = os.pipe()
+    default = fcntl.fcntl(w, 1032)  # F_GETPIPE_SZ of a new pipe
+    try:
+        grown = fcntl.fcntl(w, 1031, 1 << 20)
+    except OSError as e:
+        grown = -e.errno
+    return {"default": default, "grown": grown}
+"""
+
+
+async def test_pipe_buffers_of_one_jail_do_not_shrink_anothers(jail: Jail, mode: str) -> None:
+    """Pipe buffers are counted per outside uid. When every jail ran as uid
+    65534, one jail holding 100 pipes of 1 MiB put that uid over the soft
+    limit, and every other tenant's jail then got one-page pipes that could not
+    grow (F_SETPIPE_SZ: EPERM). Each jail now has its own outside uid."""
+    hog = jail.function(PIPE_HOG, mode, limits=replace(FAST, timeout_s=10.0))
+    user = jail.function(PIPE_USER, mode)
+    assert body_json(await user()) == {"default": 65536, "grown": 1 << 20}
+    held = asyncio.create_task(hog())
+    await asyncio.sleep(1.5)  # the hog holds its pipes for 3 s
+    got = body_json(await user())
+    assert body_json(await held)["held"] > 0
+    assert got == {"default": 65536, "grown": 1 << 20}, got
+    await hog.assert_recovers()
+
+
+WHO = """
+import os, time
+
+def handler(request, ctx):
+    time.sleep(float(request.query.get("s", "0")))
+    return {"ids": [os.getuid(), os.geteuid(), os.getgid()], "pid": os.getpid()}
+"""
+
+
+async def test_each_jail_has_its_own_outside_uid(jail: Jail) -> None:
+    """Two warm workers and a cold jail, alive at once: 65534 inside each,
+    three different uids outside, each its cgroup slot's."""
+    slots = jail.runner.config.slots
+    a, b = jail.function(WHO, "warm"), jail.function(WHO + "#b", "warm")
+    assert body_json(await a())["ids"] == [65534] * 3
+    assert body_json(await b())["ids"] == [65534] * 3
+    cold = asyncio.create_task(jail.cold(WHO, query_string="s=1"))
+    outside = {}
+    for fn in (a, b):
+        w = fn.worker
+        assert w is not None and w.jail_pid is not None and w.slot is not None
+        uid = _uid(w.jail_pid)
+        assert uid == slots.uid(w.slot) and uid != 65534, uid
+        outside[w.jail_pid] = uid
+    await asyncio.sleep(0.5)
+    others = [p for p, _ in jail_uid_processes().items() if p not in outside]
+    outside.update({p: _uid(p) for p in others})
+    assert body_json(await cold)["ids"] == [65534] * 3
+    # the cold jail's processes share one uid that neither worker has
+    assert len(set(outside.values())) >= 3, outside
+    await a.assert_recovers()
+
+
+def _uid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:")))

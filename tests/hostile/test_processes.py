@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 from jail import Limits
+from jail.cgroups import is_jail_uid
 from tests.jailtest import (
     GOOD,
     Jail,
@@ -57,7 +58,9 @@ async def test_a_daemon_does_not_outlive_the_invocation(jail: Jail, mode: str) -
         await asyncio.sleep(0.02)
     assert seen, "the daemon never showed up: the test would prove nothing"
     status = Path(f"/proc/{seen[0]}/status").read_text()  # noqa: ASYNC240 (procfs, instant)
-    assert "\nUid:\t65534\t65534\t65534\t65534\n" in status
+    uids = next(ln.split()[1:] for ln in status.splitlines() if ln.startswith("Uid:"))
+    # Its jail's own outside uid (65534 inside), real, effective, saved and fs alike.
+    assert len(set(uids)) == 1 and is_jail_uid(int(uids[0])) and uids[0] != "65534", uids
     r = await task
     assert (r.outcome, r.body) == ("ok", b"spawned"), describe(r)
     if mode == "cold":

@@ -12,8 +12,8 @@ import pytest
 from jail import JailConfig, JailRunner, JailSpec, Limits
 from jail import build_command as _build_command
 from jail._interp import Interpreter
-from jail.cgroups import Cgroups, SlotLimits, SlotPool
-from jail.command import BOOT, LAUNCHER, nsjail_time_limit, slot_limits
+from jail.cgroups import JAIL_UID_BASE, Cgroups, SlotLimits, SlotPool
+from jail.command import BOOT, LAUNCHER, nsjail_time_limit, slot_limits, without_id_maps
 from tests.jailtest import GOOD, Deploy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,16 +188,18 @@ def test_no_proxy_dir_means_no_run_mount() -> None:
 # ---- the real nsjail with the real nsjail.cfg ---------------------------------
 
 
-def _nsjail_log(runner: JailRunner, cfg: Path, deploy: Deploy, program: list[str]
-                ) -> tuple[int, str, str]:
-    """Run ``program`` in a jail built exactly as jail/ builds it, with ``cfg``."""
+def _nsjail_log(runner: JailRunner, cfg: Path, deploy: Deploy, program: list[str],
+                uid: int | None = None) -> tuple[int, str, str]:
+    """Run ``program`` in a jail built exactly as jail/ builds it, with ``cfg``
+    (and its own ids, or, without `uid`, the cfg's own map)."""
     spec = JailSpec(code_dir=deploy(GOOD), entrypoint="handler:handler",
                     limits=Limits(timeout_s=5))
-    config = replace(runner.config, base_cfg=cfg)
+    config = replace(runner.config, base_cfg=cfg, per_jail_uid=uid is not None)
     log_r, log_w = os.pipe()
     ctl = os.open("/dev/null", os.O_RDWR)
     try:
-        cmd = build_command(config, spec, ctl_fd=ctl, log_fd=log_w)
+        cmd = _build_command(config, spec, ctl_fd=ctl, log_fd=log_w,
+                             cgroup_procs=V1_PROCS, uid=uid)
         # nsjail alone (no launcher, so no cgroup): only the cfg is under test here.
         cmd = cmd[cmd.index(str(config.nsjail)) : cmd.index("--") + 1] + program
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
@@ -221,6 +223,30 @@ def test_nsjail_cfg_parses_and_runs_a_process(runner: JailRunner, deploy: Deploy
     ])
     assert (code, out.strip()) == (0, "jailed 65534 65534 nsfaas"), log
     assert "[E]" not in log and "[F]" not in log, log
+
+
+def test_a_jail_of_its_own_uid(runner: JailRunner, deploy: Deploy, tmp_path: Path) -> None:
+    """The policy minus its id maps, plus one jail's uid on the command line:
+    nsjail accepts it and the jail is 65534 inside (outside: see
+    tests/hostile/test_kernel_quotas.py). Without a uid such a policy is refused."""
+    cfg = tmp_path / "per-uid.cfg"
+    cfg.write_text(without_id_maps(CFG.read_text()))
+    kept = cfg.read_text().splitlines()
+    assert [ln for ln in CFG.read_text().splitlines() if ln not in kept] == [
+        'uidmap { inside_id: "65534" outside_id: "65534" count: 1 }',
+        'gidmap { inside_id: "65534" outside_id: "65534" count: 1 }',
+    ]
+    code, out, log = _nsjail_log(runner, cfg, deploy, [
+        "/usr/bin/python3", "-I", "-S", "-c", "import os; print(os.getuid(), os.getgid())",
+    ], uid=JAIL_UID_BASE + 4242)
+    assert (code, out.strip()) == (0, "65534 65534"), log
+    with pytest.raises(ValueError, match="its own uid"):
+        _build_command(replace(runner.config, per_jail_uid=True), SPEC, ctl_fd=3, log_fd=4,
+                       cgroup_procs=V1_PROCS)
+    cmd = _build_command(CONFIG, SPEC, ctl_fd=3, log_fd=4, cgroup_procs=V1_PROCS, uid=77)
+    i = cmd.index("--user")
+    assert cmd[i : i + 4] == ["--user", "65534:77:1", "--group", "65534:77:1"]
+    assert cmd.index("--config") < i < cmd.index("--")
 
 
 @pytest.mark.parametrize(
