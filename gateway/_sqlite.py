@@ -379,8 +379,8 @@ class SqliteStore(Store):
 
         return await self._write(collect)
 
-    async def digest_in_use(self, digest: str) -> bool:
-        return not await self._read(lambda c: catalog.unreferenced(c, [digest]))
+    async def digest_in_use(self, digest: str, tenant_id: str | None = None) -> bool:
+        return not await self._read(lambda c: catalog.unreferenced(c, [digest], tenant_id))
 
     async def all_routes(self) -> list[RouteEntry]:
         return await self._read(catalog.all_routes)

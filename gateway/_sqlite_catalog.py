@@ -246,13 +246,16 @@ def delete_function(conn: sqlite3.Connection, tenant_id: str, name: str) -> list
     return digests
 
 
-def unreferenced(conn: sqlite3.Connection, digests: list[str]) -> list[str]:
-    """Those of ``digests`` no version of any function refers to."""
-    return [
-        d
-        for d in digests
-        if not conn.execute("SELECT 1 FROM versions WHERE digest = ? LIMIT 1", (d,)).fetchone()
-    ]
+def unreferenced(
+    conn: sqlite3.Connection, digests: list[str], tenant_id: str | None = None
+) -> list[str]:
+    """Those of ``digests`` no version of any function (of that tenant's) refers to."""
+    sql = "SELECT 1 FROM versions WHERE digest = ?"
+    args: tuple[str, ...] = ()
+    if tenant_id is not None:
+        sql += " AND tenant_id = ?"
+        args = (tenant_id,)
+    return [d for d in digests if not conn.execute(sql + " LIMIT 1", (d, *args)).fetchone()]
 
 
 def all_routes(conn: sqlite3.Connection) -> list[RouteEntry]:

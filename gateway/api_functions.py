@@ -60,6 +60,8 @@ JSON_KEYS = {
     "entrypoint",
 }
 # Options of a raw-body upload, in the query string; the lists may repeat.
+# Shorter than a warm call's own overhead under load: every call would time out.
+MIN_TIMEOUT_S = 0.1
 QUERY_KEYS = {"timeout_s", "memory_mb", "public", "entrypoint", "routes", "egress_allow"}
 ROLLBACK_KEYS = {"version"}
 TENANT_KEYS = {"name"}
@@ -111,10 +113,12 @@ def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, int | float)
-        or not (0 < timeout <= s.max_timeout_s)
+        or not (MIN_TIMEOUT_S <= timeout <= s.max_timeout_s)
     ):
         raise ApiError(
-            400, "invalid_timeout", f"timeout_s must be a number in (0, {s.max_timeout_s}]"
+            400,
+            "invalid_timeout",
+            f"timeout_s must be a number in [{MIN_TIMEOUT_S:g}, {s.max_timeout_s:g}]",
         )
     memory = opts.get("memory_mb", s.default_memory_mb)
     if (
@@ -175,7 +179,11 @@ def _egress_ok(entry: object) -> bool:
     if not isinstance(entry, str) or not entry.isascii():
         return False
     match = HOST_RE.match(entry.lower())
-    return match is not None and (match["port"] is None or 1 <= int(match["port"]) <= 65535)
+    return (
+        match is not None
+        and len(entry.split(":")[0].removeprefix("*.")) <= 253  # a DNS name's limit
+        and (match["port"] is None or 1 <= int(match["port"]) <= 65535)
+    )
 
 
 def _query_opts(gw: Gateway, request: Request) -> dict[str, Any]:
@@ -188,7 +196,7 @@ def _query_opts(gw: Gateway, request: Request) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     timeout = query_number(q, "timeout_s", low=0, high=s.max_timeout_s, code="invalid_timeout")
     if timeout is not None:
-        opts["timeout_s"] = timeout
+        opts["timeout_s"] = timeout  # its lower bound: _config
     memory = query_int(q, "memory_mb", low=32, high=s.max_memory_mb, code="invalid_memory")
     if memory is not None:
         opts["memory_mb"] = memory
@@ -355,14 +363,15 @@ async def list_functions(gw: Gateway, request: Request) -> Response:
 async def delete_function(gw: Gateway, request: Request) -> Response:
     tenant, name = await _own(gw, request)
     try:
-        gone = await gw.store.delete_function(tenant, name)
+        used = [v.digest for v in await gw.store.list_versions(tenant, name)]
+        await gw.store.delete_function(tenant, name)  # and the blobs no version uses
     except NotFound:
         raise ApiError(404, "function_not_found", f"no function named {name!r}") from None
     await gw.routes_changed()
     if gw.pool is not None:
         gw.pool.forget(f"{tenant}/{name}")
     if gw.invoker is not None:
-        gw.invoker.forget_code(gone)  # no version uses them: their disk is freed
+        gw.invoker.forget_code(tenant, used)  # the tenant's copies it no longer uses
     return Response(status_code=204)
 
 

@@ -68,14 +68,17 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
             infos = await asyncio.wait_for(
                 loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
             )
-        except (OSError, TimeoutError) as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc}") from None
+        except (OSError, TimeoutError):
+            infos = []
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         refused = [ip for ip in addresses if not permitted(ip, self._extra)]
         if refused or not addresses:
             # All or nothing: a name that also resolves to a private address is
-            # refused even if a public one comes first.
-            raise EgressBlocked(f"{host!r} resolves to a non-public address ({refused[0]})")
+            # refused even if a public one comes first. One message for "no
+            # such name" and "a private address", and no address in it: a
+            # tenant must not map the operator's internal DNS through its
+            # allow-list.
+            raise EgressBlocked(f"{host!r} does not resolve to public addresses only")
         error: Exception | None = None
         for ip in addresses:
             try:
@@ -139,9 +142,15 @@ def client(private: str = "") -> httpx.AsyncClient:
         keepalive_expiry=5.0,
         network_backend=_GuardedBackend(parse_networks(private)),
     )
-    return httpx.AsyncClient(
+    c = httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
         transport=transport,
         cookies=CookieJar(policy=_RefuseAll()),
     )
+    # httpx's defaults (Accept, Accept-Encoding, Connection, User-Agent) would
+    # go out on every fetch: a fetch sends only the headers its function gave
+    # (plus Host and Content-Length), and gets the body as the upstream sent it.
+    for name in list(c.headers):
+        del c.headers[name]
+    return c

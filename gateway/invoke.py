@@ -21,7 +21,7 @@ from .errors import error_response
 from .logbus import LogBudget, line_size
 from .metrics import Metrics
 from .scheduler import Rejected, Scheduler
-from .store import FunctionVersion, InvocationRecord, NewLogLine, Store
+from .store import FunctionVersion, InvocationRecord, NewLogLine, NotFound, Store
 from .upload import unpack_bundle
 
 log = structlog.get_logger("nsfaas.invoke")
@@ -59,6 +59,11 @@ RUNNING_RECORD_AFTER_S = 0.1
 def new_invocation_id() -> str:
     # Time-ordered prefix (ms) so ids sort roughly by start; random tail.
     return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
+
+
+def code_key(tenant_id: str, digest: str) -> str:
+    """The name of a tenant's unpacked copy of some code (jail dir/code/<key>)."""
+    return f"{digest}.{tenant_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +104,7 @@ class Invoker:
         self.log_budget = log_budget
         self.unavailable_reason: str | None = None
         self._code_locks: dict[str, asyncio.Lock] = {}
-        self._unpacked: set[str] = set()  # digests known to be on disk: no stat per call
+        self._unpacked: set[str] = set()  # code keys known to be on disk: no stat per call
         # Per function: (invocations in a row that ended at a limit, when the last did).
         self._strikes: dict[str, tuple[int, float]] = {}
         self._removals: set[asyncio.Task[None]] = set()
@@ -150,57 +155,66 @@ class Invoker:
             request_bytes=s.max_request_bytes,
         )
 
-    async def code_dir(self, digest: str) -> Path:
-        """The unpacked, precompiled code of a version (unpacked once per digest)."""
+    async def code_dir(self, tenant_id: str, digest: str) -> Path:
+        """The unpacked, precompiled code of a version: one directory per
+        tenant and digest. Shared across tenants, a directory's timestamps told
+        a tenant whether another had deployed exactly the same code (secrets in
+        it included): a guess-and-check oracle. Raises NotFound if the code is
+        gone (its function was deleted before it was ever unpacked)."""
         assert self.runner is not None
         runner = self.runner
-        path = runner.code_dir(digest)
-        if digest in self._unpacked:
+        key = code_key(tenant_id, digest)
+        path = runner.code_dir(key)
+        if key in self._unpacked:
             return path
-        lock = self._code_locks.setdefault(digest, asyncio.Lock())
+        lock = self._code_locks.setdefault(key, asyncio.Lock())
         async with lock:
             if not path.exists():
                 blob = await self.store.read_blob(digest)
-                await asyncio.to_thread(
-                    runner.ensure_code, digest, lambda p: unpack_bundle(blob, p)
-                )
-        self._unpacked.add(digest)
+                await asyncio.to_thread(runner.ensure_code, key, lambda p: unpack_bundle(blob, p))
+        self._unpacked.add(key)
         return path
 
-    def forget_code(self, digests: list[str]) -> list[asyncio.Task[None]]:
-        """Remove the unpacked code of versions that no longer exist, once no
-        invocation that started before can still be using it (one that was
+    def forget_code(self, tenant_id: str, digests: list[str]) -> list[asyncio.Task[None]]:
+        """Remove the tenant's unpacked code of versions it no longer has, once
+        no invocation that started before can still be using it (one that was
         running or queued when its function was deleted finishes on its code)."""
         grace = self.settings.queue_timeout_s + self.settings.max_timeout_s + 1.0
-        tasks = [asyncio.create_task(self._remove_code(d, grace)) for d in digests]
+        tasks = [
+            asyncio.create_task(self._remove_code(tenant_id, d, grace)) for d in set(digests)
+        ]
         for task in tasks:
             self._removals.add(task)
             task.add_done_callback(self._removals.discard)
         return tasks
 
-    async def _remove_code(self, digest: str, after_s: float) -> None:
+    async def _remove_code(self, tenant_id: str, digest: str, after_s: float) -> None:
         await asyncio.sleep(after_s)
         if self.runner is None:
             return
-        async with self._code_locks.setdefault(digest, asyncio.Lock()):
-            if await self.store.digest_in_use(digest):
+        key = code_key(tenant_id, digest)
+        async with self._code_locks.setdefault(key, asyncio.Lock()):
+            if await self.store.digest_in_use(digest, tenant_id):
                 return  # the same code was uploaded again meanwhile
-            self._unpacked.discard(digest)
-            await asyncio.to_thread(self.runner.remove_code, digest)
-        self._code_locks.pop(digest, None)
+            self._unpacked.discard(key)
+            await asyncio.to_thread(self.runner.remove_code, key)
+        self._code_locks.pop(key, None)
 
     async def sweep_code(self) -> None:
-        """At start: remove unpacked code no version uses (removals that a
-        stop or a crash cut short)."""
+        """At start: remove unpacked code its tenant no longer has (removals
+        that a stop or a crash cut short, and shared directories of old)."""
         if self.runner is None:
             return
-        root = self.runner.code_dir("0" * 64).parent
+        root = self.runner.code_dir(code_key("t", "0" * 64)).parent
         try:
             names = await asyncio.to_thread(lambda: [p.name for p in root.iterdir()])
         except OSError:
             return
         for name in names:
-            if len(name) == 64 and not await self.store.digest_in_use(name):
+            digest, dot, tenant_id = name.partition(".")
+            if dot and len(digest) == 64 and await self.store.digest_in_use(digest, tenant_id):
+                continue
+            if len(digest) == 64:
                 await asyncio.to_thread(self.runner.remove_code, name)
 
     def cancel_removals(self) -> None:
@@ -214,11 +228,19 @@ class Invoker:
         return f"{fv.tenant_id}/{fv.name}@{fv.version}:{fv.digest}{suffix}"
 
     async def prewarm(self, fv: FunctionVersion) -> None:
-        """Start the configured minimum of warm workers for this version."""
-        n = self.settings.warm_min_workers
-        if self.pool is None or self.runner is None or n <= 0:
+        """A version became active: unpack its code now (a call queued when its
+        function is deleted then still finds it, and the first call is not
+        slowed by it), and start the configured minimum of warm workers."""
+        if self.runner is None:
             return
-        code = await self.code_dir(fv.digest)
+        try:
+            code = await self.code_dir(fv.tenant_id, fv.digest)
+        except (NotFound, OSError) as exc:  # deleted meanwhile, or a disk error: the call retries
+            log.warning("code_unpack_failed", function=fv.name, error=str(exc))
+            return
+        n = self.settings.warm_min_workers
+        if self.pool is None or n <= 0:
+            return
         spec = self.runner.spec(code, fv.config.entrypoint, self.limits_for(fv))
         self.pool.prewarm(self.pool_key(fv), spec, n)
 
@@ -270,6 +292,15 @@ class Invoker:
                 result = await self._run(fv, call, inv_id, limits, throttled)
         except Rejected as exc:
             result = JailResult(outcome="rejected", error_type="Rejected", error_message=exc.reason)
+        except Exception as exc:
+            # A bug of ours: the caller still gets its invocation id and the
+            # record is finished, never left "running".
+            log.exception("invocation_failed")
+            result = JailResult(
+                outcome="jail_failure",
+                error_type=type(exc).__name__,
+                error_message="internal error",
+            )
         except asyncio.CancelledError:
             result = JailResult(
                 outcome="killed", error_type="Cancelled", error_message="the client went away"
@@ -290,7 +321,14 @@ class Invoker:
         async with self.scheduler.slot(key, nested=call.depth > 0):
             self.metrics.in_flight.inc()
             try:
-                code = await self.code_dir(fv.digest)
+                try:
+                    code = await self.code_dir(fv.tenant_id, fv.digest)
+                except NotFound:
+                    return JailResult(
+                        outcome="jail_failure",
+                        error_type="FunctionDeleted",
+                        error_message="the function was deleted before its code was unpacked",
+                    )
                 spec = self.runner.spec(code, fv.config.entrypoint, limits)
                 inv = Invocation(
                     invocation_id=inv_id,

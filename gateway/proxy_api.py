@@ -291,7 +291,10 @@ class ProxyService:
                             method, body = ("GET" if method != "HEAD" else "HEAD"), b""
                         continue
                     data = bytearray()
-                    async for chunk in resp.aiter_bytes():
+                    # As sent: a body decoded here would go back under the
+                    # upstream's Content-Encoding and Content-Length, which no
+                    # longer describe it (and a gzip bomb would inflate here).
+                    async for chunk in resp.aiter_raw():
                         data += chunk
                         if len(data) > MAX_FETCH_BYTES:
                             raise ProxyCallError(

@@ -499,8 +499,8 @@ class Store(abc.ABC):
         and the code blobs no other version refers to: their digests."""
 
     @abc.abstractmethod
-    async def digest_in_use(self, digest: str) -> bool:
-        """Whether any version of any function has this code."""
+    async def digest_in_use(self, digest: str, tenant_id: str | None = None) -> bool:
+        """Whether any version of any function has this code (of that tenant's)."""
 
     @abc.abstractmethod
     async def all_routes(self) -> list[RouteEntry]:

@@ -15,6 +15,7 @@ import io
 import keyword
 import re
 import stat
+import sys
 import threading
 import tokenize
 import warnings
@@ -145,6 +146,11 @@ def bundle_from_zip(data: bytes, *, entrypoint: str | None, limits: UploadLimits
         max_ratio=limits.max_ratio,
     )
     files = _read_zip(data, budget)
+    names = {name for name, _ in files}
+    package_init = module_file[: -len(".py")] + "/__init__.py"
+    if module_file not in names and package_init in names:
+        module_file = package_init  # "pkg:handler" with pkg/__init__.py
+    _refuse_shadowing(module_file, names)
     entry_tree: ast.Module | None = None
     for name, content in files:
         if name.endswith(".py"):
@@ -160,6 +166,22 @@ def bundle_from_zip(data: bytes, *, entrypoint: str | None, limits: UploadLimits
     local = frozenset(name.split("/")[0].removesuffix(".py") for name, _ in files)
     _require_function(entry_tree, module_file, function, local)
     return CodeBundle(files=tuple(files), entrypoint=ep)
+
+
+def _refuse_shadowing(module_file: str, names: set[str]) -> None:
+    """A module and a package of one name (x.py and x/): Python imports only one
+    of them (a package with __init__.py wins, a namespace package loses), so the
+    code that was checked here would not be what runs."""
+    parts = module_file.removesuffix("/__init__.py").removesuffix(".py").split("/")
+    for i in range(1, len(parts) + 1):
+        path = "/".join(parts[:i])
+        if f"{path}.py" in names and any(n.startswith(path + "/") for n in names):
+            raise UploadError(
+                "bad_entrypoint",
+                f"the archive has both {path}.py and a package {path}/, and Python imports "
+                "only one of them: rename one",
+                {"file": f"{path}.py"},
+            )
 
 
 def unpack_bundle(zip_bytes: bytes, dest: Path, *, limits: UploadLimits | None = None) -> None:
@@ -187,6 +209,9 @@ def unpack_bundle(zip_bytes: bytes, dest: Path, *, limits: UploadLimits | None =
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 _ENTRYPOINT = re.compile(rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})*:{_IDENTIFIER}")
 _MAX_ENTRYPOINT_LENGTH = 200
+# Module names the jail's interpreter resolves before /function: the standard
+# library's and the runtime's own (jail/runtime: bootstrap, _frames, nsfaas).
+_TAKEN_MODULES = frozenset(sys.stdlib_module_names) | {"bootstrap", "_frames", "nsfaas"}
 
 
 def _parse_entrypoint(entrypoint: str | None, limits: UploadLimits) -> tuple[str, str, str]:
@@ -203,6 +228,15 @@ def _parse_entrypoint(entrypoint: str | None, limits: UploadLimits) -> tuple[str
         raise UploadError(
             "bad_entrypoint",
             f"entrypoint {excerpt(ep)!r} is not of the form 'module.path:function'",
+            {"entrypoint": excerpt(ep)},
+        )
+    if parts[0] in _TAKEN_MODULES:
+        # The runtime and the standard library come first on sys.path: this
+        # name would import theirs, and every call would fail to load.
+        raise UploadError(
+            "bad_entrypoint",
+            f"the entrypoint's module name {parts[0]!r} is taken by Python's standard library "
+            "or the runtime (it would be imported instead of yours): rename it",
             {"entrypoint": excerpt(ep)},
         )
     return ep, "/".join(parts) + ".py", function

@@ -106,6 +106,17 @@ class _Upstream(BaseHTTPRequestHandler):
                     return
                 time.sleep(0.2)
             return
+        if self.path == "/gzip":  # compressed, and what the request carried
+            import gzip
+
+            packed = gzip.compress(b"hello, compressed" * 10)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(packed)))
+            self.send_header("X-Got", ",".join(sorted(k.lower() for k in self.headers)))
+            self.end_headers()
+            self.wfile.write(packed)
+            return
         body = b"hello from upstream"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))

@@ -1,0 +1,89 @@
+"""Entrypoints that could never load are refused at upload; a package's
+__init__.py can be one."""
+
+from __future__ import annotations
+
+import base64
+import io
+import zipfile
+
+import pytest
+
+from .conftest import Api
+
+SRC = "def handler(r, c):\n    return {'from': __name__}\n"
+
+
+def archive(files: dict[str, str]) -> str:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("module", ["os", "json", "email.mine", "nsfaas", "bootstrap", "_frames"])
+async def test_a_module_name_the_jail_resolves_first_is_refused(api: Api, module: str) -> None:
+    """Accepted, every call was a 500: the standard library's (or the
+    runtime's) module of that name was imported instead."""
+    for body in ({"source": SRC}, {"archive": archive({module.replace(".", "/") + ".py": SRC})}):
+        r = await api.client.put(
+            "/api/v1/functions/shadow",
+            json={**body, "entrypoint": f"{module}:handler"},
+            headers=api.auth(),
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "bad_entrypoint", r.text
+        assert repr(module.split(".")[0]) in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize(
+    ("files", "entrypoint"),
+    [
+        ({"handler.py": SRC, "handler/__init__.py": ""}, "handler:handler"),
+        ({"app.py": "", "app/main.py": SRC}, "app.main:handler"),
+    ],
+)
+async def test_a_module_and_a_package_of_one_name_are_refused(
+    api: Api, files: dict[str, str], entrypoint: str
+) -> None:
+    r = await api.client.put(
+        "/api/v1/functions/both",
+        json={"archive": archive(files), "entrypoint": entrypoint},
+        headers=api.auth(),
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_entrypoint", r.text
+    assert "imports only one of them" in r.json()["error"]["message"]
+
+
+async def test_a_package_init_is_an_entrypoint(api: Api) -> None:
+    r = await api.client.put(
+        "/api/v1/functions/pkg",
+        json={"archive": archive({"mypkg/__init__.py": SRC}), "entrypoint": "mypkg:handler",
+              "public": True},
+        headers=api.auth(),
+    )
+    assert r.status_code == 201, r.text
+    r = await api.client.get("/fn/pkg")
+    assert (r.status_code, r.json()) == (200, {"from": "mypkg"}), r.text
+
+
+@pytest.mark.parametrize(
+    ("opts", "code"),
+    [
+        ({"timeout_s": 1e-9}, "invalid_timeout"),  # accepted, every call timed out
+        ({"timeout_s": 0.05}, "invalid_timeout"),
+        ({"egress_allow": [("a" * 60 + ".") * 5 + "com"]}, "invalid_egress_allow"),  # > 253
+        ({"egress_allow": ["*." + ("a" * 60 + ".") * 5 + "com:443"]}, "invalid_egress_allow"),
+    ],
+)
+async def test_options_no_call_could_use_are_refused(
+    api: Api, opts: dict[str, object], code: str
+) -> None:
+    r = await api.client.put(
+        "/api/v1/functions/opt", json={"source": SRC, **opts}, headers=api.auth()
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+    ok = {"timeout_s": 0.1} if "timeout_s" in opts else {"egress_allow": [("a" * 60 + ".") * 4 + "com"]}
+    r = await api.client.put("/api/v1/functions/opt", json={"source": SRC, **ok}, headers=api.auth())
+    assert r.status_code in (200, 201), r.text
