@@ -62,30 +62,62 @@ class Process:
         self.send_signal(signal.SIGKILL)
 
 
-async def _reader(pipe: IO[bytes]) -> asyncio.StreamReader:
+def read_fd(fd: int) -> asyncio.StreamReader:
+    """An asyncio stream over the read end of a pipe, which it owns: the fd is
+    closed exactly once, at EOF (or a read error).
+
+    Not ``loop.connect_read_pipe``: under uvloop it closes the fd twice, once
+    through libuv and once through the file object (MagicStack/uvloop#763). The
+    second close hit whatever had taken the fd number meanwhile: a blob being
+    written (fsync: EBADF), a jail's result pipe, a pidfd, a launcher's pipe.
+    """
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            reader.feed_data(data)
+            return
+        loop.remove_reader(fd)
+        os.close(fd)
+        reader.feed_eof()
+
+    loop.add_reader(fd, readable)
     return reader
 
 
 async def spawn(argv: Sequence[str], *, stdin: bool, pass_fds: Sequence[int]) -> Process:
     """Start ``argv`` in a new session with piped stdout and stderr (and stdin
     if asked; /dev/null otherwise), passing ``pass_fds`` and closing the rest."""
-    # Blocking on purpose: vfork returns as soon as the child execs (see above).
-    popen = subprocess.Popen(  # noqa: S603, ASYNC220 (fixed host programs, no shell)
-        list(argv),
-        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=tuple(pass_fds),
-        start_new_session=True,
-    )
-    assert popen.stdout is not None and popen.stderr is not None
+    # Plain fds, not Popen's file objects: each end is closed once, by its owner.
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
-        out = await _reader(popen.stdout)
-        err = await _reader(popen.stderr)
-        return Process(popen, out, err)
+        # Blocking on purpose: vfork returns as soon as the child execs (see above).
+        popen = subprocess.Popen(  # noqa: S603, ASYNC220 (fixed host programs, no shell)
+            list(argv),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            pass_fds=tuple(pass_fds),
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    try:
+        return Process(popen, read_fd(out_r), read_fd(err_r))
     except BaseException:
         popen.kill()
         popen.wait()

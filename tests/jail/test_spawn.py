@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -73,3 +74,47 @@ async def test_kill_and_unpassed_fds_stay_closed() -> None:
     proc.kill()
     assert await asyncio.wait_for(proc.wait(), 5) == -signal.SIGKILL
     os.close(r)
+
+
+def test_each_pipe_is_closed_once_under_uvloop() -> None:
+    """The gateway runs on uvloop, whose connect_read_pipe closed a pipe's fd
+    twice (MagicStack/uvloop#763): once at EOF and again when the file object
+    went. By then the number belonged to something else (a blob being written,
+    a jail's result pipe): EBADF in fsync, lost results, leaked zombies."""
+    import gc
+
+    import uvloop
+
+    async def main() -> list[int]:
+        before = len(os.listdir("/proc/self/fd"))
+        proc = await spawn([sys.executable, "-c", "print('hi')"], stdin=False, pass_fds=())
+        assert proc.stdout is not None and proc.stderr is not None
+        assert await proc.stdout.read() == b"hi\n"
+        assert await proc.stderr.read() == b""
+        assert await proc.wait() == 0
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # Closed at EOF by their one owner, while the Process is still alive:
+        # nothing is left for a file object or a transport to close later.
+        assert len(os.listdir("/proc/self/fd")) == before
+        # Take the freed numbers, then let go of everything of the process.
+        mine = [os.open("/dev/null", os.O_RDONLY) for _ in range(8)]
+        del proc
+        gc.collect()
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+        return mine
+
+    loop = uvloop.new_event_loop()
+    try:
+        mine = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    gc.collect()
+    try:
+        for fd in mine:
+            os.fstat(fd)  # EBADF: someone else's close took it
+    finally:
+        for fd in mine:
+            with contextlib.suppress(OSError):
+                os.close(fd)
