@@ -152,3 +152,26 @@ async def test_follow_streams_lines_of_later_invocations(live: str) -> None:
                 break
             await asyncio.sleep(0.1)
         assert len(asyncio.all_tasks()) <= before
+
+
+@pytest.mark.parametrize(
+    ("q", "ok"),
+    [
+        ("w* x* y*", False),  # 1,500 prefix terms took 7 s and 1.2 GB of the gateway
+        ("a b c d e f g h i", False),
+        ("w*", False),  # one character expands to too much
+        ("x" * 101, False),
+        ("wo* xy* z a b c d e", True),
+    ],
+)
+async def test_a_search_is_bounded(api: Api, q: str, ok: bool) -> None:
+    await api.deploy("quiet", "def handler(r, c):\n    print('w ' * 20)\n    return {}\n")
+    for follow in ("", "1"):
+        params = {"q": q, **({"follow": follow} if follow else {})}
+        if ok and follow:
+            continue  # a tail that would be accepted streams until the client leaves
+        r = await api.client.get("/api/v1/functions/quiet/logs", params=params, headers=api.auth())
+        if ok:
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_query", r.text
