@@ -111,6 +111,15 @@ class SqliteStore(Store):
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # see _checkpoint
             migrate(conn)
             self._fts = setup_fts(conn) if self._want_fts else False
+            with transaction(conn, write=True):
+                # Nothing runs before the store opens: a "running" record is of
+                # an invocation that a crash (or SIGKILL) of the gateway ended.
+                conn.execute(
+                    """UPDATE invocations SET outcome = 'killed', status = 502,
+                              error_type = 'GatewayStopped',
+                              error_message = 'the gateway stopped during this invocation'
+                        WHERE outcome = 'running'"""
+                )
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError("storage_error", f"cannot open the database: {exc}") from exc

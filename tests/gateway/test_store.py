@@ -1016,3 +1016,16 @@ async def test_deleting_a_function_frees_blobs_no_other_version_uses(store: Sqli
     with pytest.raises(NotFound) as exc:
         await store.put_function(a.id, "f", digest, 5, config())
     assert exc.value.code == "blob_not_found"
+
+
+async def test_records_a_crash_left_running_are_closed_at_the_next_open(tmp_path: Path) -> None:
+    """A gateway killed mid-invocation left its "running" records so for good."""
+    async with SqliteStore(tmp_path / "data") as s:
+        await s.insert_invocation(invocation("crashed", time.time()))
+        done = replace(invocation("done", time.time()), outcome="ok", status=200)
+        await s.finish_invocation(done)
+        assert (await s.get_invocation("crashed")).outcome == "running"
+    async with SqliteStore(tmp_path / "data") as s:
+        rec = await s.get_invocation("crashed")
+        assert (rec.outcome, rec.status, rec.error_type) == ("killed", 502, "GatewayStopped")
+        assert (await s.get_invocation("done")).outcome == "ok"
