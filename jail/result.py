@@ -278,11 +278,15 @@ def decide(end: Ending) -> dict[str, Any]:
             }
         if end.nsjail_exit == 128 + signal.SIGKILL:
             # The jail's pid 1 (nsjail exits 128+9 when it was SIGKILLed) ignores
-            # every signal sent from inside the jail, we did not time it out, and
-            # nsjail's own time limit comes later: that leaves the kernel's OOM
-            # killer (it picks pid 1 when many small children share its memory).
-            # Its cgroup, counter included, may be gone before it could be read.
-            return _limit("oom", "memory", lim.memory_mb, f"exceeded {lim.memory_mb} MB")
+            # every signal sent from inside the jail and we did not time it out:
+            # the OOM killer would have counted itself above (the slot's counter
+            # is read through a file kept open), so this was a kill from outside
+            # (an operator, a host tool). Not a limit: no penalty strike.
+            return {
+                "outcome": "killed",
+                "error_type": "Killed",
+                "error_message": "the jail was killed from outside",
+            }
         if end.loading:
             # Its import ended the runtime (os._exit, closing its channels, a
             # signal): the function's failure, like an exception at import.

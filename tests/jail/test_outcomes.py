@@ -6,7 +6,10 @@ Every test runs against a fresh jail per call (``cold``) and a warm worker
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 
 import pytest
 
@@ -395,11 +398,32 @@ def test_decide(done: dict[str, object], body: bytes, expected: tuple[str, str |
 
 
 @pytest.mark.parametrize(
-    ("nsjail_exit", "expected"),
-    [(137, ("oom", "memory")), (1, ("killed", None)), (None, ("killed", None))],
+    ("nsjail_exit", "oom_kills", "expected"),
+    [
+        (137, 1, ("oom", "memory")),
+        (137, 0, ("killed", None)),  # was "oom": a kill from outside is no limit
+        (1, 0, ("killed", None)),
+        (None, 0, ("killed", None)),
+    ],
 )
-def test_decide_runtime_gone(nsjail_exit: int | None, expected: tuple[str, str | None]) -> None:
-    """No done frame: the runtime (pid 1) died. SIGKILLed pid 1 means the OOM killer."""
-    end = Ending(limits=Limits(), done=None, nsjail_exit=nsjail_exit)
+def test_decide_runtime_gone(
+    nsjail_exit: int | None, oom_kills: int, expected: tuple[str, str | None]
+) -> None:
+    """No done frame: the runtime (pid 1) died. The slot's OOM counter tells
+    the memory limit from any other SIGKILL."""
+    end = Ending(limits=Limits(), done=None, nsjail_exit=nsjail_exit, oom_kills=oom_kills)
     fields = decide(end)
     assert (fields["outcome"], fields.get("limit_name")) == expected
+
+
+async def test_the_zygote_killed_from_outside_is_killed_not_oom(jail: Jail) -> None:
+    """kill -9 of a warm jail's pid 1 from the host during a call was reported
+    as out-of-memory (limit memory), with the slot's OOM counter at 0."""
+    w = await jail.worker("import time\ndef handler(r, c):\n    time.sleep(3)\n    return {}\n")
+    assert w.jail_pid is not None
+    call = asyncio.create_task(w.invoke(invocation()))
+    await asyncio.sleep(0.5)
+    os.kill(w.jail_pid, signal.SIGKILL)
+    r = await call
+    assert (r.outcome, r.limit_name) == ("killed", None), describe(r)
+    assert "outside" in (r.error_message or ""), describe(r)
