@@ -12,7 +12,7 @@ from starlette.routing import Route
 from jail.proxy import ProxyCallError
 
 from .errors import ApiError
-from .http import path_is_utf8, query_int, read_body
+from .http import media_type, path_is_utf8, query_int, query_single, read_body
 from .proxy_api import MAX_VALUE_BYTES, check_key, decode_value, encode_value
 from .store import NotFound, QuotaExceeded
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 async def _tenant(gw: Gateway, request: Request) -> str:
     who = await gw.auth(request)
-    wanted = request.query_params.get("tenant")
+    wanted = query_single(request.query_params, "tenant", "invalid_parameter")
     if wanted is None or wanted == who.tenant_id:
         return who.tenant_id
     if not who.admin:
@@ -49,7 +49,8 @@ async def list_keys(gw: Gateway, request: Request) -> Response:
     tenant = await _tenant(gw, request)
     q = request.query_params
     limit = query_int(q, "limit", low=1, high=1000, code="invalid_limit")
-    prefix, after = q.get("prefix", ""), q.get("after")
+    prefix = query_single(q, "prefix", "invalid_key") or ""
+    after = query_single(q, "after", "invalid_key")
     if "\ufffd" in prefix + (after or ""):
         # Starlette decodes the query with errors="replace": %FF would list as
         # if it were U+FFFD. Only the raw query tells them apart (see _key).
@@ -80,7 +81,9 @@ async def put_key(gw: Gateway, request: Request) -> Response:
     tenant = await _tenant(gw, request)
     key = _key(request)
     body = await read_body(request, MAX_VALUE_BYTES, gw.bodies, gw.settings.body_timeout_s)
-    is_json = request.headers.get("content-type", "").startswith("application/json")
+    # application/json exactly, in any case, parameters allowed ("; charset=utf-8"):
+    # not "Application/JSON" stored as bytes, nor "application/jsonp" as JSON.
+    is_json = media_type(request) == "application/json"
     try:
         value = encode_value(body, is_json=is_json)
         s = gw.settings

@@ -255,6 +255,11 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse(body, status_code=200 if gw.unavailable is None else 503)
 
     async def metrics(request: Request) -> Response:
+        # The admin's: its labels name every tenant's functions, private ones
+        # included, with their outcome counts.
+        who = await gw.auth(request)
+        if not who.admin:
+            raise ApiError(403, "forbidden", "only the admin key can read the metrics")
         gw.metrics.queued.set(gw.scheduler.queued)
         if gw.pool is not None:
             gw.metrics.sync_pool(gw.pool.stats.replaced)
@@ -284,7 +289,14 @@ def create_app(settings: Settings) -> Starlette:
                 if found == Match.PARTIAL:
                     raise HTTPException(405, f"{request.method} is not allowed on {path}")
             raise HTTPException(404, f"no API route {path}")
-        match = gw.routes.match(request.method, path)
+        # Matched on the raw path, split before it is decoded: "%2F" is part of
+        # a segment, not a separator (gateway/routes_table.py).
+        raw = request.scope.get("raw_path")
+        if isinstance(raw, bytes):  # (older httpx ASGI transports put the query in it)
+            target = raw.partition(b"?")[0].decode("utf-8", "replace")
+            match = gw.routes.match(request.method, target)
+        else:
+            match = gw.routes.match(request.method, path, encoded=False)
         if match is None:
             raise HTTPException(404, f"no route for {request.method} {path}")
         return await _invoke(request, match.tenant_id, match.name, path, match.path_params)
@@ -350,7 +362,12 @@ def create_app(settings: Settings) -> Starlette:
             result, inv_id, report = await gw.invoker.invoke_reporting_later(fv, call)
         finally:
             gw.bodies.release(len(body))
-        response = to_http(result, inv_id, head=request.method == "HEAD")
+        response = to_http(result, inv_id)
+        if request.method == "HEAD":
+            # The GET answer without its body: the same headers, Content-Length
+            # included (RFC 9110 §9.3.2), by construction (a HEAD of a 205 said
+            # the length of a body its GET does not send).
+            response.body = b""
 
         async def after_response() -> None:  # async: a sync task would go to a thread
             report()

@@ -97,6 +97,12 @@ class ByteBudget:
         self.used = max(0, self.used - n)
 
 
+def media_type(request: Request) -> str:
+    """The request's media type: its Content-Type without parameters, lower-cased
+    (type and subtype are case-insensitive, RFC 9110 §8.3.1), "" if none."""
+    return request.headers.get("content-type", "").partition(";")[0].strip(" \t").lower()
+
+
 def path_is_utf8(request: Request) -> bool:
     """Whether the raw path is UTF-8 once percent-decoded. The server decodes
     it with errors="replace": %FF and %ED%A0%80 (a surrogate) both arrive as

@@ -16,6 +16,15 @@ and the jail receives (uvicorn adds a chunked body's trailers to the request's
 headers, so they count too): this one also catches a head that starts inside a
 read behind another message (pipelining), which the first count sees only from
 the next piece on; such a head never holds more than twice the cap.
+
+It also supports no protocol upgrade, and so ignores ``Upgrade`` (RFC 9110
+§7.8 lets a server do so). httptools tells llhttp to skip the body of any
+request with ``Connection: upgrade`` and ``Upgrade: <anything>`` (``curl
+--http2`` sends ``Upgrade: h2c``) and then stops; uvicorn logged "Unsupported
+upgrade request", gave the app an empty body and dropped everything after the
+head, pipelined requests included: a KV PUT stored 0 bytes and answered 204.
+Here such a head is parsed again, without its Upgrade headers, by a fresh
+parser, which reads the body and what follows as for any request.
 """
 
 from __future__ import annotations
@@ -88,6 +97,7 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         self._linger: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._running: RequestResponseCycle | None = None  # the cycle the app is serving
+        self._reparse: bytes | None = None  # an Upgrade request's head, without the Upgrade
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -129,36 +139,66 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         if self._refused:
             return  # lingering: the rest of a refused head is read and dropped
         self._unset_keepalive_if_required()
-        view = memoryview(data)
-        while view:
-            room = self.max_header_bytes - self._idle_bytes
-            if room <= 0:
-                self._refuse()
-                return
-            if len(view) <= room:  # the usual case: all of it in one go
-                piece, view = view, view[:0]
-            else:
-                piece, view = view[:room], view[room:]
-            self._progressed = False
-            try:
-                self.parser.feed_data(piece)
-            except httptools.HttpParserUpgrade:
-                if self._should_upgrade():
-                    self.handle_websocket_upgrade()
-                else:
-                    self._unsupported_upgrade_warning()
-                return
-            except httptools.HttpParserError as exc:
-                if self._overflow:
+        # A stack, the next input last; each with whether it is a head that
+        # passed the cap already (one parsed again: written with ": " and CRLF,
+        # it can be longer than the client's "name:value" lines were).
+        todo = [(memoryview(data), False)]
+        while todo:
+            view, checked = todo.pop()
+            while view:
+                room = len(view) if checked else self.max_header_bytes - self._idle_bytes
+                if room <= 0:
                     self._refuse()
                     return
-                if not self._refused:  # else a callback has answered already
-                    self._bad_request(str(exc))
-                return
-            if not self._progressed:
-                self._idle_bytes += len(piece)
-            # else what followed the last progress in this piece goes uncounted:
-            # less than one piece, and _data_bytes still counts it exactly
+                if len(view) <= room:  # the usual case: all of it in one go
+                    piece, view = view, view[:0]
+                else:
+                    piece, view = view[:room], view[room:]
+                self._progressed = False
+                try:
+                    self.parser.feed_data(piece)
+                except httptools.HttpParserUpgrade as exc:
+                    head, self._reparse = self._reparse, None
+                    if head is None:  # not from a head (on_headers_complete saw none)
+                        self._bad_request("unexpected protocol upgrade")
+                        return
+                    # The parser stopped right after the head (it skipped the
+                    # body): a fresh one takes the head without its Upgrade,
+                    # then the body and whatever follows, as for any request.
+                    # Views, not a joined copy: a read full of such requests
+                    # would be copied once per request.
+                    self.parser = self._new_parser()
+                    self._idle_bytes = 0
+                    todo += ((view, False), (piece[exc.args[0] :], False), (memoryview(head), True))
+                    break
+                except httptools.HttpParserError as exc:
+                    if self._overflow:
+                        self._refuse()
+                        return
+                    if not self._refused:  # else a callback has answered already
+                        self._bad_request(str(exc))
+                    return
+                if not self._progressed and not checked:
+                    self._idle_bytes += len(piece)
+                # else what followed the last progress in this piece goes uncounted:
+                # less than one piece, and _data_bytes still counts it exactly
+
+    def _new_parser(self) -> httptools.HttpRequestParser:
+        parser = httptools.HttpRequestParser(self)
+        # As uvicorn's own (HttpToolsProtocol.__init__): answers a request
+        # pipelined behind one with "Connection: close".
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        return parser
+
+    def _head_without_upgrade(self) -> bytes:
+        """The head being parsed, as llhttp accepted it, minus its Upgrade headers."""
+        version = self.parser.get_http_version().encode("ascii")
+        out = [self.parser.get_method(), b" ", self.url, b" HTTP/", version, b"\r\n"]
+        for name, value in self.headers:  # uvicorn's: names lower-cased
+            if name != b"upgrade":
+                out += [name, b": ", value, b"\r\n"]
+        out.append(b"\r\n")
+        return b"".join(out)
 
     # Parser callbacks (hot: they run for every request, so they count inline)
 
@@ -207,6 +247,13 @@ class HeaderLimitProtocol(HttpToolsProtocol):
                 headers=((b"allow", ALLOW_ANY_TARGET),),
             )
             raise _Refused
+        if self.parser.should_upgrade():
+            # No upgrade is supported, so none is made (RFC 9110 §7.8): httptools
+            # now makes llhttp skip the body and stop (HttpParserUpgrade), and
+            # data_received parses this head again without its Upgrade headers.
+            # No cycle yet: the app gets the request from that second parse.
+            self._reparse = self._head_without_upgrade()
+            return
         try:
             super().on_headers_complete()
         except Exception as exc:
@@ -228,6 +275,8 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         self._progress()
 
     def on_message_complete(self) -> None:
+        if self._reparse is not None:
+            return  # the bodiless end of an Upgrade request, to be parsed again
         self._arm_head_timer()  # for the next head on this connection
         self._in_head = True
         self._idle_bytes = 0

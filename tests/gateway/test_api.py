@@ -334,7 +334,7 @@ async def test_healthz_metrics_openapi(api: Api) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ok"
     await api.deploy("hello", HELLO, public=True)
     await api.client.get("/fn/hello")
-    text = (await api.client.get("/metrics")).text
+    text = (await api.client.get("/metrics", headers=api.auth())).text
     assert 'nsfaas_invocations_total{function="hello",outcome="ok"} 1.0' in text
     doc = (await api.client.get("/api/v1/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
