@@ -51,7 +51,11 @@ HOP_BY_HOP = frozenset(
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Control characters (tab allowed) and anything beyond latin-1, which HTTP/1.1
 # cannot carry in a field value.
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
+# Controls (C0, DEL and C1: 0x85 NEL and 0x9b CSI act on terminals too), and
+# anything latin-1 cannot carry.
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]|[^\x00-\xff]")
+# A JSON escape of a UTF-16 surrogate: only then can a JSON body hold a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 16 * 1024
 # What JSON from inside a jail may hold that neither the store (UTF-8 text)
@@ -383,7 +387,28 @@ def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:
     if isinstance(checked, str):
         return {"outcome": "bad_response", "error_type": "BadResponse", "error_message": checked}
     status, headers = checked
+    if _SURROGATE_ESCAPE.search(body) and _declares_json(headers):
+        # {"s": "\udfff"} is JSON to Python's parser, but no UTF-8 text, and
+        # strict clients refuse it (a str body holding one is refused already).
+        try:
+            why = not_strict_json(_frames.loads(body))
+        except (ValueError, RecursionError):
+            why = None  # not JSON at all: the function's own business
+        if why is not None:
+            return {
+                "outcome": "bad_response",
+                "error_type": "BadResponse",
+                "error_message": f"the JSON body holds {why}",
+            }
     return {"outcome": "ok", "status": status, "headers": headers, "body": body}
+
+
+def _declares_json(headers: tuple[tuple[str, str], ...]) -> bool:
+    for name, value in headers:
+        if name.lower() == "content-type":
+            kind = value.split(";")[0].strip().lower()
+            return kind == "application/json" or kind.endswith("+json")
+    return False
 
 
 def _limit(outcome: str, name: str, value: float, message: str) -> dict[str, Any]:
