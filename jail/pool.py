@@ -187,6 +187,7 @@ class WarmPool:
                 worker = fut.result()
                 if not self._hand_over(entry, worker):
                     entry.idle.append(worker)
+                    self._enforce_budget()
             raise
         finally:
             with contextlib.suppress(ValueError):
@@ -270,6 +271,9 @@ class WarmPool:
             if not self._hand_over(entry, worker):
                 worker.last_used = time.monotonic()
                 entry.idle.append(worker)
+                # Hot spares and prewarmed workers count too: over the budget
+                # they stayed until the next call of some version.
+                self._enforce_budget()
                 self.on_change(self.idle_workers)
         else:
             await worker.aclose()

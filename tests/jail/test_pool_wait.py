@@ -85,3 +85,29 @@ async def test_calls_that_keep_waiting_scale_the_version_out(
         assert pool.stats.started == 3
     finally:
         await pool.aclose()
+
+
+async def test_background_workers_respect_the_memory_budget(
+    runner: JailRunner, deploy: Deploy
+) -> None:
+    """Workers started in the background (a hot version's second worker) went
+    to the idle list unchecked: 83 idle workers of 32 MB sat over a 2,048 MB
+    budget until some later call. Budget here: three 64 MB workers."""
+    pool = WarmPool(runner.config, max_idle_per_key=4, idle_s=30, memory_budget_mb=3 * 64)
+    pool.start()
+    try:
+        for n in range(4):
+            spec = runner.spec(deploy(QUICK + f"# {n}\n"), "handler:handler",
+                               Limits(timeout_s=5, memory_mb=64))
+            for i in range(2):  # twice in a row: hot, so a second worker starts
+                r = await pool.run(f"t/q{n}@1:a", spec, Invocation(f"i{n}{i}", "q", 1, "t"))
+                assert r.body == b"quick", describe(r)
+        for _ in range(100):  # let the background starts finish
+            if not any(e.starting for e in pool._keys.values()):
+                break
+            await asyncio.sleep(0.05)
+        idle = [w for e in pool._keys.values() for w in e.idle]
+        assert sum(w.spec.limits.memory_mb for w in idle) <= 3 * 64, len(idle)
+        assert pool.stats.evicted > 0
+    finally:
+        await pool.aclose()
