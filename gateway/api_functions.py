@@ -108,7 +108,7 @@ def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
         raise ApiError(400, "invalid_routes", "routes must be a list of strings like 'GET /path'")
     if len(routes) > MAX_ROUTES:
         raise ApiError(400, "invalid_routes", f"at most {MAX_ROUTES} routes per function")
-    _check_routes(routes)
+    routes = _check_routes(routes)
     timeout = opts.get("timeout_s", s.default_timeout_s)
     if (
         isinstance(timeout, bool)
@@ -166,12 +166,19 @@ def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
     )
 
 
-def _check_routes(routes: list[str]) -> None:
+def _check_routes(routes: list[str]) -> list[str]:
+    """The routes as the gateway writes them ("GET /x"), each once."""
+    canonical: list[str] = []
     for r in routes:
         try:
-            parse_route(r)
+            method, path = parse_route(r)
         except ValueError as exc:
             raise ApiError(400, "invalid_routes", str(exc)) from None
+        route = f"{method} {path}"
+        if route in canonical:
+            raise ApiError(400, "invalid_routes", f"route {route!r} is listed twice")
+        canonical.append(route)
+    return canonical
 
 
 def _egress_ok(entry: object) -> bool:

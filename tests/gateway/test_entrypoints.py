@@ -87,3 +87,22 @@ async def test_options_no_call_could_use_are_refused(
     ok = {"timeout_s": 0.1} if "timeout_s" in opts else {"egress_allow": [("a" * 60 + ".") * 4 + "com"]}
     r = await api.client.put("/api/v1/functions/opt", json={"source": SRC, **ok}, headers=api.auth())
     assert r.status_code in (200, 201), r.text
+
+
+async def test_routes_are_stored_as_the_gateway_writes_them(api: Api) -> None:
+    """`get /x`, `GET\\t/x` and `GET  /x` were kept as sent (and a route could
+    be listed twice): what a function's config shows is now canonical."""
+    r = await api.client.put(
+        "/api/v1/functions/routed",
+        json={"source": SRC, "routes": ["get /r/{id}", "POST\t/r", "ANY  /r/x"]},
+        headers=api.auth(),
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["routes"] == ["GET /r/{id}", "POST /r", "ANY /r/x"], r.json()
+    r = await api.client.put(
+        "/api/v1/functions/routed",
+        json={"source": SRC, "routes": ["GET /r/{id}", "get  /r/{id}"]},
+        headers=api.auth(),
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_routes", r.text
+    assert "listed twice" in r.json()["error"]["message"]
