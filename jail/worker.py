@@ -38,7 +38,7 @@ from .result import (
     usage_number,
 )
 from .runtime import _frames
-from .spawn import Process, spawn
+from .spawn import Process, read_fd, spawn
 
 NSJAIL_LOG_CAP = 64 * 1024
 CLOSE_GRACE_S = 1.0
@@ -594,24 +594,27 @@ class Worker:
         # Counters are cumulative and nothing runs between invocations: the
         # last reading is this one's baseline (two file reads saved per call).
         before = self._last_counters or self._counters()
-        if self.proxy is not None:
-            self.proxy.begin(
-                CallContext(
-                    invocation_id=inv.invocation_id,
-                    tenant=inv.tenant,
-                    function=inv.function,
-                    version=inv.version,
-                    egress_allow=inv.egress_allow,
-                    depth=inv.depth,
-                    deadline=t0 + budget,
-                )
-            )
+        call_ctx = CallContext(
+            invocation_id=inv.invocation_id,
+            tenant=inv.tenant,
+            function=inv.function,
+            version=inv.version,
+            egress_allow=inv.egress_allow,
+            depth=inv.depth,
+            deadline=t0 + budget,
+        )
         run: _ChildRun | None = None
         writing: asyncio.Task[None] | None = None
         long_call = asyncio.get_running_loop().call_later(LONG_CALL_S, self._set_long_call, True)
         try:
             async with asyncio.timeout(budget):
                 n = await self._next_child()
+                if self.proxy is not None:
+                    # Only now, with the previous child and everything it started
+                    # reported gone (a child that answered early may linger up to
+                    # EXIT_GRACE_S): begin() closes every connection made before,
+                    # so none of theirs can speak for this invocation.
+                    self.proxy.begin(call_ctx)
                 run = self._run = _ChildRun(lim, logs)
                 header = inv.frame_header(self.spec)
                 header["n"] = n  # a child runs only the request meant for it
@@ -929,18 +932,11 @@ class Worker:
             self._closer = asyncio.create_task(self.aclose(kill=True))
 
     async def _pump_fd(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        pipe = os.fdopen(fd, "rb", buffering=0)
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe
-        )
-        try:
-            while chunk := await reader.read(65536):
-                if len(self._nsjail_log) < NSJAIL_LOG_CAP:
-                    self._nsjail_log += chunk[: NSJAIL_LOG_CAP - len(self._nsjail_log)]
-        finally:
-            transport.close()
+        """nsjail's log pipe, to EOF (read_fd closes it then, and only then)."""
+        reader = read_fd(fd)
+        while chunk := await reader.read(65536):
+            if len(self._nsjail_log) < NSJAIL_LOG_CAP:
+                self._nsjail_log += chunk[: NSJAIL_LOG_CAP - len(self._nsjail_log)]
 
     def _close_channels(self) -> None:
         loop = asyncio.get_running_loop()

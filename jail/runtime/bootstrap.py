@@ -587,10 +587,33 @@ def _empty_tmp(path: str) -> bool:
         os.close(here)
 
 
+def _sysconf_without_sysinfo() -> None:
+    """os.sysconf raises OSError(ENOSYS) for SC_PHYS_PAGES and SC_AVPHYS_PAGES.
+
+    Seccomp refuses sysinfo (host-wide thread count, load and free memory: a
+    channel between tenants), and glibc's sysconf ignores that failure and
+    computes both from an uninitialised struct: a huge negative number. An
+    error is the truthful answer. (C code calling sysconf itself still gets
+    glibc's number; nothing in CPython's stdlib asks for these two.)
+    """
+    real = os.sysconf
+    names = os.sysconf_names
+    refused = {names[n] for n in ("SC_PHYS_PAGES", "SC_AVPHYS_PAGES") if n in names}
+
+    def sysconf(name: str | int, /) -> int:
+        if (names.get(name) if isinstance(name, str) else name) in refused:
+            raise OSError(38, "sysinfo is not available in the jail")  # ENOSYS
+        return real(name)
+
+    sysconf.__doc__ = real.__doc__
+    os.sysconf = sysconf
+
+
 def main(argv: list[str]) -> int:
     # pid 1 of a pid namespace only receives the signals it has a handler for;
     # Python's own SIGINT handler would let a child kill(1, SIGINT) the zygote.
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    _sysconf_without_sysinfo()
     # Hard too, before any of the function's code: no process of the jail can
     # raise it again (RLIMIT_SIGPENDING is not one of nsjail's rlimit options).
     resource.setrlimit(resource.RLIMIT_SIGPENDING, (SIGPENDING, SIGPENDING))
