@@ -98,6 +98,7 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._running: RequestResponseCycle | None = None  # the cycle the app is serving
         self._reparse: bytes | None = None  # an Upgrade request's head, without the Upgrade
+        self._codings: list[bytes] = []  # the Transfer-Encoding of the head being parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -225,6 +226,8 @@ class HeaderLimitProtocol(HttpToolsProtocol):
         self._data_bytes += len(name) + len(value)
         if self._data_bytes > self.max_header_bytes:
             self._stop()
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._codings += value.lower().replace(b" ", b"").split(b",")
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -245,6 +248,17 @@ class HeaderLimitProtocol(HttpToolsProtocol):
                 "method_not_allowed",
                 "CONNECT is not supported: the gateway is not a proxy",
                 headers=((b"allow", ALLOW_ANY_TARGET),),
+            )
+            raise _Refused
+        codings, self._codings = self._codings, []
+        if any(c != b"chunked" for c in codings if c):
+            # llhttp decodes the chunking and would pass "gzip, chunked" as if
+            # the body were plain: a coding that cannot be applied is 501
+            # (RFC 9112 §6.1), not a body handed over still encoded.
+            self._answer_and_close(
+                501,
+                "not_implemented",
+                "a Transfer-Encoding other than chunked is not supported",
             )
             raise _Refused
         if self.parser.should_upgrade():

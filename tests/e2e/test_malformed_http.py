@@ -95,3 +95,21 @@ async def test_a_head_over_the_cap_behind_a_request_is_431_after_its_answer(gw: 
     answer, _, second = rest.partition(b"HTTP/1.1 ")
     assert json.loads(answer) == {"body": 0}, out[:600]
     assert second.startswith(b"431 ") and b'"code":"headers_too_large"' in second, out[:600]
+
+
+@pytest.mark.parametrize(
+    "coding", [b"gzip, chunked", b"deflate,chunked", b"gzip\r\nTransfer-Encoding: chunked"]
+)
+async def test_a_transfer_coding_other_than_chunked_is_501(gw: Live, coding: bytes) -> None:
+    """"gzip, chunked" was de-chunked and handed to the function still gzipped."""
+    before = await _records(gw)
+    raw = (b"POST /fn/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: " + coding
+           + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    out = await raw_exchange(gw, raw)
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 "), out[:300]
+    assert json.loads(body)["error"]["code"] == "not_implemented", body
+    assert await _records(gw) == before
+    # plain chunked still works, on a new connection
+    out = await raw_exchange(gw, CHUNKED + b"5\r\nhello\r\n0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 ") and b'{"body": 5}' in out, out[:300]
