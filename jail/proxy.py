@@ -270,14 +270,21 @@ class HostProxy:
     ) -> bool:
         """Answer one request; False if the answer could not be sent."""
         raw_id = header.get("id")
-        call_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else 0
+        id_ok = isinstance(raw_id, int) and not isinstance(raw_id, bool)
+        call_id = raw_id if id_ok else 0
         method, params = header.get("method"), header.get("params", {})
         # Only the invocation this connection was accepted in, while it runs.
         ctx = self._ctx if epoch == self._epoch else None
         self.calls += 1
-        if header.get("v") != PROTOCOL_VERSION:
+        version = header.get("v")
+        # 1, not true or 1.0 (Python's == says both equal 1).
+        if type(version) is not int or version != PROTOCOL_VERSION:
             return await self._reply(
                 writer, call_id, error=("bad_version", f"protocol v{PROTOCOL_VERSION}")
+            )
+        if not id_ok:
+            return await self._reply(
+                writer, 0, error=("bad_request", "id must be an integer")
             )
         if not isinstance(method, str) or not isinstance(params, dict):
             return await self._reply(

@@ -20,7 +20,7 @@ import pytest
 
 from jail import proxy
 from jail.proxy import CallContext, HostProxy, ProxyCallError
-from jail.runtime import sdk
+from jail.runtime import _frames, sdk
 from jail.runtime.sdk import ProxyError
 
 CTX = CallContext(invocation_id="inv-1", tenant="t", function="f", version=1)
@@ -181,3 +181,33 @@ async def test_a_refused_connection_is_dropped_and_the_next_call_reconnects(
             break
         await asyncio.sleep(0.01)
     assert await call(client, "echo", n=1) == {"n": 1}
+
+
+@pytest.mark.parametrize(
+    ("head", "code"),
+    [
+        ({"v": True, "id": 3, "method": "echo", "params": {}}, "bad_version"),
+        ({"v": 1.0, "id": 3, "method": "echo", "params": {}}, "bad_version"),
+        ({"v": 1, "id": "3", "method": "echo", "params": {}}, "bad_request"),
+        ({"v": 1, "id": 2.5, "method": "echo", "params": {}}, "bad_request"),
+        ({"v": 1, "method": "echo", "params": {}}, "bad_request"),
+    ],
+)
+async def test_the_protocol_is_taken_as_written(
+    served: tuple[HostProxy, Methods, sdk._Proxy], head: dict[str, Any], code: str
+) -> None:
+    """`v: true` and `v: 1.0` passed as version 1, and a string id was answered
+    `ok` with id 0 (docs/proxy.md: v is 1, id an integer)."""
+    server, methods, _ = served
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+    try:
+        writer.write(_frames.encode(head, b""))
+        await writer.drain()
+        prefix = await reader.readexactly(_frames.PREFIX.size)
+        hlen, blen = _frames.PREFIX.unpack(prefix)
+        reply = _frames.decode_header(await reader.readexactly(hlen))
+        await reader.readexactly(blen)
+    finally:
+        writer.close()
+    assert (reply["ok"], reply["code"]) == (False, code), reply
+    assert methods.seen == []
