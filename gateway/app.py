@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
+import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -16,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
+from starlette.types import Receive
 
 from jail import JailRunner, JailUnavailable, Limits, choose_jail_dir
 from jail.pool import WarmPool
@@ -71,7 +75,10 @@ class Gateway:
         self.unavailable: str | None = "starting"
         self.admin_key = ""
         self.default_tenant = Tenant("", DEFAULT_TENANT, 0.0)
-        self.routes = RouteTable([])
+        self.routes = RouteTable()
+        self._route_changes = 0  # routes_changed calls so far
+        self._routes_hold = 0  # the changes self.routes is known to hold
+        self._route_refresh: asyncio.Task[None] | None = None
         self._active: dict[str, FunctionVersion] = {}
         self._generation = 0
         self.invoker: Invoker | None = None
@@ -103,9 +110,29 @@ class Gateway:
         return fv
 
     async def routes_changed(self) -> None:
+        """Called after every deploy, rollback and delete (once written): returns
+        once the route table holds the change. Changes that arrive while the
+        routes are being read share the next read: one at a time, whatever the
+        number of concurrent deploys."""
         self._generation += 1
-        self._active.clear()  # called after every deploy, rollback and delete
-        self.routes = RouteTable(await self.store.all_routes())
+        self._active.clear()
+        self._route_changes += 1
+        change = self._route_changes
+        while self._routes_hold < change:  # no read that began after this change is in
+            if self._route_refresh is None:
+                self._route_refresh = asyncio.create_task(self._refresh_routes())
+            await asyncio.shield(self._route_refresh)
+
+    async def _refresh_routes(self) -> None:
+        try:
+            upto = self._route_changes
+            entries = await self.store.all_routes()  # in a reader thread
+            # On the loop: a dict lookup per route; only new routes are parsed,
+            # and only the buckets they join or leave sorted again.
+            self.routes = RouteTable(entries, previous=self.routes)
+            self._routes_hold = upto
+        finally:
+            self._route_refresh = None
 
     async def version_changed(self, fv: FunctionVersion) -> None:
         """A version became active: warm it up if a warm minimum is configured."""
@@ -201,10 +228,26 @@ class Gateway:
                 log.exception("retention_failed")
             await asyncio.sleep(5.0)
 
+    def stop_invocations(self) -> int:
+        """End the invocations still waiting or running (the shutdown's
+        deadline): their jails are killed, and each is answered and recorded
+        as ``killed`` (GatewayStopped), not cut off without an answer."""
+        if self.invoker is None:
+            return 0
+        n = self.invoker.stop_all()
+        if n:
+            log.warning("invocations_stopped", count=n, reason="the gateway is stopping")
+        return n
+
     async def stop(self, deadline_s: float = 10.0) -> None:
-        """Finish in-flight invocations up to a deadline, then close every jail."""
-        with contextlib.suppress(TimeoutError):
+        """Finish in-flight invocations up to a deadline (those still running
+        then are ended: stop_invocations), then close every jail."""
+        try:
             await asyncio.wait_for(self.scheduler.wait_idle(), deadline_s)
+        except TimeoutError:
+            self.stop_invocations()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.scheduler.wait_idle(), 5.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -218,6 +261,35 @@ class Gateway:
         if self.runner is not None:
             await self.runner.aclose()
         await self.store.aclose()
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Return once the client has disconnected. For a request whose body was
+    read whole: the server's receive() then waits for the disconnect (or for
+    the response to be complete, which is not before this call answers)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, with a shutdown that ends the gateway's invocations
+    itself before uvicorn's own deadline (``timeout_graceful_shutdown``) would
+    cancel their requests: ``drain_s`` after the shutdown begins (SIGTERM),
+    the invocations still running are killed and answered (502 ``killed``, a
+    JSON error with the invocation id, recorded as GatewayStopped) instead of
+    uvicorn's plain-text 500 and a record blaming the client."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, *, drain_s: float) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+        self.drain_s = drain_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.drain_s, self.gateway.stop_invocations)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -357,6 +429,7 @@ def create_app(settings: Settings) -> Starlette:
             ),
             body=body,
             path_params=params,
+            client_gone=functools.partial(_client_gone, request.receive),
         )
         try:
             result, inv_id, report = await gw.invoker.invoke_reporting_later(fv, call)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import sys
@@ -22,6 +23,11 @@ COLORS = {
     "critical": "\033[1;31m",
 }
 RESET = "\033[0m"
+# `nsfaas serve`'s shutdown (SIGTERM, SIGINT): invocations still running this
+# long after it began are ended by the gateway, with an answer and a record;
+# uvicorn cancels whatever request is still open at the grace deadline.
+SHUTDOWN_DRAIN_S = 12.0
+SHUTDOWN_GRACE_S = 15
 
 # What a function writes (log messages, fields, error messages, paths) reaches
 # the operator's terminal through this command: a raw ESC, CR or NUL there
@@ -68,7 +74,7 @@ def _check(resp: httpx.Response) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
+    from .app import GatewayServer, create_app
     from .config import Settings, SettingsError
     from .httpproto import header_limited_protocol
     from .logconfig import configure_logging
@@ -89,16 +95,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging()
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         http=protocol,
         log_config=None,
         access_log=False,  # RequestContextMiddleware writes it
-        timeout_graceful_shutdown=15,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
-    return 0
+    # After SHUTDOWN_DRAIN_S the gateway ends the invocations still running
+    # (answered 502 killed, recorded GatewayStopped); uvicorn cancels what is
+    # left of the open requests (log tails, slow clients) at SHUTDOWN_GRACE_S.
+    server = GatewayServer(config, app.state.gateway, drain_s=SHUTDOWN_DRAIN_S)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 3  # uvicorn.run's exit status for a failed start
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

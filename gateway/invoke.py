@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from .config import Settings
 from .errors import error_response
 from .logbus import LogBudget, line_size
 from .metrics import Metrics
-from .scheduler import Rejected, Scheduler
+from .scheduler import ClientGone, Rejected, Scheduler
 from .store import FunctionVersion, InvocationRecord, NewLogLine, NotFound, Store
 from .upload import unpack_bundle
 
@@ -54,6 +54,9 @@ MAX_RECORDED_PATH = 2048  # characters of the request path kept in an invocation
 # most end within milliseconds, and writing their record twice (running, then
 # finished) costs the store a second transaction for a state nobody could see.
 RUNNING_RECORD_AFTER_S = 0.1
+# What a record says of an invocation the gateway's shutdown ended (as the
+# store says of one a crash of the gateway left running).
+GATEWAY_STOPPED = ("GatewayStopped", "the gateway stopped during this invocation")
 
 
 def new_invocation_id() -> str:
@@ -78,6 +81,9 @@ class Call:
     path_params: dict[str, str]
     trigger: str = "http"
     depth: int = 0
+    # Returns once the caller has gone away (its connection closed): awaited
+    # only while the call waits in the scheduler's queue, which it then leaves.
+    client_gone: Callable[[], Awaitable[object]] | None = None
 
 
 class Invoker:
@@ -108,6 +114,23 @@ class Invoker:
         # Per function: (invocations in a row that ended at a limit, when the last did).
         self._strikes: dict[str, tuple[int, float]] = {}
         self._removals: set[asyncio.Task[None]] = set()
+        # The task of every invocation waiting for a slot or running (shutdown
+        # ends them: stop_all), and the ones stop_all has cancelled.
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._stopped: set[str] = set()
+        self.stopping = False
+
+    def stop_all(self) -> int:
+        """Shutdown: end every invocation still waiting or running (a running
+        one's jail is killed, as for any cancelled call); each is answered and
+        recorded as ``killed`` with GATEWAY_STOPPED, and calls that arrive from
+        now on are answered so without running. How many were ended."""
+        self.stopping = True
+        for inv_id, task in list(self._running.items()):
+            if inv_id not in self._stopped:
+                self._stopped.add(inv_id)
+                task.cancel(GATEWAY_STOPPED[1])
+        return len(self._stopped)
 
     def throttled(self, fv: FunctionVersion) -> bool:
         """Whether this function is in the penalty box (see Settings.penalty_*)."""
@@ -119,7 +142,7 @@ class Invoker:
 
     def _strike(self, record: InvocationRecord, result: JailResult) -> None:
         key = f"{record.tenant_id}/{record.function}"
-        if result.outcome in ("rejected", "jail_failure"):
+        if result.outcome in ("rejected", "jail_failure") or result.error_type in _NOT_RUN_BY_IT:
             return  # says nothing about the function's own behaviour
         # Limits only: a function that kills itself (a bug, SIGSEGV, its own
         # SIGTERM) or is cancelled (its caller went away) used nothing up.
@@ -281,6 +304,7 @@ class Invoker:
         inserted = _RunningRecord(self.store, record)
         t0 = time.monotonic()
         result: JailResult
+        task = asyncio.current_task()
         try:
             if self.runner is None:
                 result = JailResult(
@@ -288,10 +312,21 @@ class Invoker:
                     error_type="JailUnavailable",
                     error_message=self.unavailable_reason or "jails are unavailable",
                 )
+            elif self.stopping or task is None:
+                result = _gateway_stopped()
             else:
-                result = await self._run(fv, call, inv_id, limits, throttled)
+                self._running[inv_id] = task
+                try:
+                    result = await self._run(fv, call, inv_id, limits, throttled)
+                finally:
+                    del self._running[inv_id]
         except Rejected as exc:
             result = JailResult(outcome="rejected", error_type="Rejected", error_message=exc.reason)
+        except ClientGone:
+            # Dropped from the queue: it never ran (no start, no strike).
+            result = JailResult(
+                outcome="killed", error_type="ClientGone", error_message="the client went away"
+            )
         except Exception as exc:
             # A bug of ours: the caller still gets its invocation id and the
             # record is finished, never left "running".
@@ -302,12 +337,23 @@ class Invoker:
                 error_message="internal error",
             )
         except asyncio.CancelledError:
-            result = JailResult(
-                outcome="killed", error_type="Cancelled", error_message="the client went away"
-            )
-            report = await asyncio.shield(self._record(record, result, t0, inserted, throttled))
-            report()
-            raise
+            ours = inv_id in self._stopped
+            self._stopped.discard(inv_id)
+            if not (ours and task is not None and task.uncancel() == 0):
+                # Cancelled by someone else (the server gave up on the request):
+                # recorded, and the cancellation goes on.
+                result = JailResult(
+                    outcome="killed",
+                    error_type="GatewayStopped" if ours else "Cancelled",
+                    error_message=GATEWAY_STOPPED[1] if ours else "the client went away",
+                )
+                report = await asyncio.shield(
+                    self._record(record, result, t0, inserted, throttled)
+                )
+                report()
+                raise
+            # Ended by stop_all: answered and recorded like any other outcome.
+            result = _gateway_stopped()
         report = await self._record(record, result, t0, inserted, throttled)
         self._strike(record, result)
         return result, inv_id, report
@@ -318,7 +364,7 @@ class Invoker:
         assert self.runner is not None
         key = f"{fv.tenant_id}/{fv.name}"
         self.metrics.queued.set(self.scheduler.queued)
-        async with self.scheduler.slot(key, nested=call.depth > 0):
+        async with self.scheduler.slot(key, nested=call.depth > 0, gone=call.client_gone):
             self.metrics.in_flight.inc()
             try:
                 try:
@@ -415,6 +461,9 @@ class Invoker:
             )
             self.metrics.log_lines_dropped.inc()
         status = result.status if result.outcome == "ok" else STATUS_BY_OUTCOME[result.outcome]
+        ran = result.outcome not in ("rejected", "jail_failure") and not (
+            result.outcome == "killed" and result.error_type in _NEVER_STARTED
+        )
         final = replace(
             record,
             status=status,
@@ -422,7 +471,7 @@ class Invoker:
             wall_ms=round(wall_ms, 3),
             cpu_ms=result.cpu_ms,
             peak_memory_mb=result.peak_memory_mb,
-            start=result.start if result.outcome not in ("rejected", "jail_failure") else None,
+            start=result.start if ran else None,
             response_bytes=len(result.body),
             log_lines=len(lines),
             logs_truncated=truncated,
@@ -446,7 +495,7 @@ class Invoker:
         def report() -> None:
             self.metrics.invocations.labels(record.function, result.outcome).inc()
             self.metrics.duration.labels(record.function).observe(wall_ms / 1000.0)
-            if result.outcome not in ("rejected", "jail_failure"):
+            if ran:
                 self.metrics.starts.labels(result.start).inc()
             log.info(
                 "invocation_finished",
@@ -462,6 +511,18 @@ class Invoker:
             )
 
         return report
+
+
+# Killed by no doing of the function's own: no strike, nor a strike's reset.
+_NOT_RUN_BY_IT = frozenset({"ClientGone", "GatewayStopped"})
+# Killed before a jail was asked for anything: the record has no start.
+_NEVER_STARTED = frozenset({"ClientGone"})
+
+
+def _gateway_stopped() -> JailResult:
+    return JailResult(
+        outcome="killed", error_type=GATEWAY_STOPPED[0], error_message=GATEWAY_STOPPED[1]
+    )
 
 
 def _notice(

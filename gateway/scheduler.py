@@ -23,6 +23,11 @@ callee queued behind its own callers (a function that calls itself at its
 cap, or chains filling the global cap) would wait until they time out. It
 runs if both caps allow, or is rejected at once (the caller sees
 ``invoke_failed``).
+
+A waiter whose client has gone (``gone``, awaited only while the call waits)
+leaves the queue at once with ClientGone: a call nobody will read the answer
+of must not run, nor hold a place in the queue; without this, requests sent
+and abandoned at once queued work that held no connection.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 
 class Rejected(Exception):
@@ -40,6 +45,10 @@ class Rejected(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+
+
+class ClientGone(Exception):
+    """The caller went away while its call waited for a slot: it never ran."""
 
 
 class Scheduler:
@@ -82,8 +91,16 @@ class Scheduler:
         )
 
     @contextlib.asynccontextmanager
-    async def slot(self, key: str, *, nested: bool = False) -> AsyncIterator[None]:
-        """Hold a running slot for function ``key``, "tenant/function" (or raise Rejected)."""
+    async def slot(
+        self,
+        key: str,
+        *,
+        nested: bool = False,
+        gone: Callable[[], Awaitable[object]] | None = None,
+    ) -> AsyncIterator[None]:
+        """Hold a running slot for function ``key``, "tenant/function" (or raise
+        Rejected). ``gone`` returns when the caller has gone away: a call still
+        waiting then leaves the queue (ClientGone); one that runs is not stopped."""
         if nested:
             if not self._can_run(key):
                 raise Rejected("no free slot for a nested call (nested calls do not wait)")
@@ -98,8 +115,21 @@ class Scheduler:
             entry = (key, fut)
             self._waiters.append(entry)
             self._queued[tenant] += 1
+            watcher = asyncio.ensure_future(gone()) if gone is not None else None
             try:
-                await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout_s)
+                if watcher is None:
+                    await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout_s)
+                else:
+                    await asyncio.wait(
+                        (fut, watcher),
+                        timeout=self.queue_timeout_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if not fut.done():
+                        if not watcher.done():
+                            raise TimeoutError
+                        self._unqueue(entry)
+                        raise ClientGone
             except TimeoutError:
                 if fut.done():
                     self._release(key)  # granted at the last moment: give it back
@@ -112,6 +142,11 @@ class Scheduler:
                 else:
                     self._unqueue(entry)
                 raise
+            finally:
+                if watcher is not None:
+                    if watcher.done() and not watcher.cancelled():
+                        watcher.exception()  # retrieved: a failed watch counts as gone
+                    watcher.cancel()
         else:
             self._grant(key)
         try:

@@ -271,7 +271,7 @@ class HostProxy:
         """Answer one request; False if the answer could not be sent."""
         raw_id = header.get("id")
         id_ok = isinstance(raw_id, int) and not isinstance(raw_id, bool)
-        call_id = raw_id if id_ok else 0
+        call_id: int = raw_id if isinstance(raw_id, int) and id_ok else 0
         method, params = header.get("method"), header.get("params", {})
         # Only the invocation this connection was accepted in, while it runs.
         ctx = self._ctx if epoch == self._epoch else None
