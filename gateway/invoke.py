@@ -566,19 +566,18 @@ class _RunningRecord:
             await self._task
 
 
-def to_http(result: JailResult, inv_id: str, *, head: bool = False) -> Response:
-    """The HTTP answer for an invocation outcome."""
+def to_http(result: JailResult, inv_id: str) -> Response:
+    """The HTTP answer for an invocation outcome (a HEAD takes the GET's and
+    drops its body: app.py)."""
     if result.outcome == "ok":
         assert result.status is not None
         # 204 and 304 never carry a body (HTTP/1.1 framing): it is dropped; a
         # 205 has none either, but says so (Content-Length: 0, RFC 9110 §15.3.6).
         bodiless = result.status in (204, 304)
-        empty = head or bodiless or result.status == 205
+        empty = bodiless or result.status == 205
         resp = Response(b"" if empty else result.body, status_code=result.status)
         if bodiless:
             del resp.headers["content-length"]
-        elif head:  # what a GET would carry (RFC 9110 §9.3.2)
-            resp.headers["content-length"] = str(len(result.body))
         for k, v in result.headers:
             resp.headers.append(k, v)
         resp.headers["X-Invocation-Id"] = inv_id
