@@ -311,7 +311,7 @@ async def _put_function(
     quota = UploadQuota(
         s.max_functions_per_tenant, s.max_versions_per_function, s.tenant_code_bytes
     )
-    unpacked = sum(len(content) for _, content in bundle.files)
+    unpacked = bundle.disk_bytes()
     for attempt in range(2):
         digest = await gw.store.put_blob(blob)
         try:

@@ -77,7 +77,7 @@ async def deploy_examples(gw: Gateway, folder: Path) -> None:
             if current.digest == digest and current.config == config:
                 continue
         try:
-            unpacked = sum(len(content) for _, content in bundle.files)
+            unpacked = bundle.disk_bytes()
             fv, _ = await gw.store.put_function(
                 tenant, name, digest, len(blob), config, unpacked=unpacked
             )

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from gateway._zipcheck import ZipBudget, ZipRejected, excerpt, read_zip, write_tree
+from jail.runner import BYTECODE_RATIO, BYTECODE_SLACK
 
 __all__ = [
     "DEFAULT_ENTRYPOINT",
@@ -106,6 +107,12 @@ class CodeBundle:
         names = [name for name, _ in self.files]
         if names != sorted(set(names)):
             raise ValueError("CodeBundle.files must be sorted and unique")
+
+    def disk_bytes(self) -> int:
+        """What the jail dir may hold for it: the files, plus the most bytecode
+        the gateway writes for them (jail.runner's budget)."""
+        py = sum(len(c) for name, c in self.files if name.endswith(".py"))
+        return sum(len(c) for _, c in self.files) + BYTECODE_RATIO * py + BYTECODE_SLACK
 
     def to_zip(self) -> bytes:
         """Return a deterministic zip: equal files give equal bytes (and sha256)."""

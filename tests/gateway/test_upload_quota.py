@@ -20,16 +20,17 @@ def padded(n: int, tag: str) -> str:
     return f"PAD = {os.urandom(n // 2).hex()!r}\ndef handler(r, c):\n    return {tag!r}\n"
 
 
-@pytest.mark.parametrize("api", [{"tenant_code_bytes": 80_000}], indirect=True)
+@pytest.mark.parametrize("api", [{"tenant_code_bytes": 400_000}], indirect=True)
 async def test_code_quota_counts_every_version_and_frees_on_delete(api: Api) -> None:
     key = await api.tenant("acme")
     r = await api.client.get("/api/v1/functions", headers=api.auth(key))
-    assert r.json()["usage"] == {"code_bytes": 0, "code_bytes_limit": 80_000}
-    # 20 KB unpacked; its hex digits deflate to about half: ~31 KB a version
+    assert r.json()["usage"] == {"code_bytes": 0, "code_bytes_limit": 400_000}
+    # A version counts its archive (20 KB of hex digits deflate to ~11 KB), its
+    # files (20 KB) and room for their bytecode (2 x 20 KB + 64 KiB): ~136 KB
     await api.deploy("q1", padded(20_000, "v1"), key=key)
     await api.deploy("q1", padded(20_000, "v2"), key=key)
     used = (await api.client.get("/api/v1/functions", headers=api.auth(key))).json()["usage"]
-    assert 55_000 <= used["code_bytes"] <= 70_000, used
+    assert 260_000 <= used["code_bytes"] <= 285_000, used
     one = used["code_bytes"] / 2
     before = blobs(api)
     for name in ("q1", "q2"):  # a new version or a new function: both count
@@ -38,7 +39,7 @@ async def test_code_quota_counts_every_version_and_frees_on_delete(api: Api) -> 
         )
         assert r.status_code == 409, r.text
         err = r.json()["error"]
-        assert err["code"] == "code_quota" and "80000" in err["message"], err
+        assert err["code"] == "code_quota" and "400000" in err["message"], err
     assert blobs(api) == before, "a refused upload left its blob on disk"
     # Another tenant's quota is its own.
     other = await api.tenant("other")

@@ -14,7 +14,7 @@ from jail import build_command as _build_command
 from jail._interp import Interpreter
 from jail.cgroups import JAIL_UID_BASE, Cgroups, SlotLimits, SlotPool
 from jail.command import BOOT, LAUNCHER, nsjail_time_limit, slot_limits, without_id_maps
-from tests.jailtest import GOOD, Deploy
+from tests.jailtest import GOOD, Deploy, Jail, body_json, describe
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = REPO / "nsjail.cfg"
@@ -289,3 +289,18 @@ def test_tmp_size_and_inodes_come_from_the_limits() -> None:
     flags = _flags(build_command(CONFIG, spec, ctl_fd=3, log_fd=4))
     tmp = [v for f, v in flags if f == "--mount" and v.startswith("none:/tmp:")]
     assert tmp == ["none:/tmp:tmpfs:size=6291456,nr_inodes=100,mode=1777"]
+
+
+async def test_bytecode_is_capped_against_its_source(jail: Jail, deploy: Deploy) -> None:
+    """Constant folding turns `"ab" * 2048` (11 bytes of source) into 4 KB of
+    bytecode: 2.4 MB of such source wrote 863 MB of __pycache__, past the
+    tenant's code quota. Bytecode past twice the source is not written; the
+    jail compiles that code in its own memory instead, and it still runs."""
+    folded = "".join(f'X{i} = "{i:05d}" * 800\n' for i in range(2000))  # 4 KB each
+    src = folded + "def handler(r, c):\n    return {'n': len(X1999)}\n"
+    code = deploy(src)
+    assert not list(code.rglob("*.pyc")), "the bytecode budget was not applied"
+    plain = deploy("def handler(r, c):\n    return {'n': 1}\n")
+    assert list(plain.rglob("*.pyc")), "ordinary code is still precompiled"
+    r = await jail.cold(src)
+    assert body_json(r) == {"n": 4000}, describe(r)
