@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,8 @@ class Invoker:
         self.unavailable_reason: str | None = None
         self._code_locks: dict[str, asyncio.Lock] = {}
         self._unpacked: set[str] = set()  # code keys known to be on disk: no stat per call
+        self._code_users: Counter[str] = Counter()  # invocations admitted, per code key
+        self._doomed: set[str] = set()  # code keys whose versions were deleted
         # Per function: (invocations in a row that ended at a limit, when the last did).
         self._strikes: dict[str, tuple[int, float]] = {}
         self._removals: set[asyncio.Task[None]] = set()
@@ -199,29 +203,52 @@ class Invoker:
         return path
 
     def forget_code(self, tenant_id: str, digests: list[str]) -> list[asyncio.Task[None]]:
-        """Remove the tenant's unpacked code of versions it no longer has, once
-        no invocation that started before can still be using it (one that was
-        running or queued when its function was deleted finishes on its code)."""
-        grace = self.settings.queue_timeout_s + self.settings.max_timeout_s + 1.0
-        tasks = [
-            asyncio.create_task(self._remove_code(tenant_id, d, grace)) for d in set(digests)
-        ]
-        for task in tasks:
-            self._removals.add(task)
-            task.add_done_callback(self._removals.discard)
+        """Remove the tenant's unpacked code of versions it no longer has: now
+        if no invocation uses it, else when the last one that does ends (one
+        that was running or queued when its function was deleted finishes on
+        its code). A fixed grace of ~5 minutes kept every deleted copy that
+        long: a delete-and-recreate loop held ~19 GB on disk."""
+        tasks = []
+        for digest in set(digests):
+            key = code_key(tenant_id, digest)
+            self._doomed.add(key)
+            if not self._code_users[key]:
+                tasks.append(self._schedule_removal(tenant_id, digest))
         return tasks
 
-    async def _remove_code(self, tenant_id: str, digest: str, after_s: float) -> None:
-        await asyncio.sleep(after_s)
+    def _schedule_removal(self, tenant_id: str, digest: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._remove_code(tenant_id, digest))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+        return task
+
+    async def _remove_code(self, tenant_id: str, digest: str) -> None:
         if self.runner is None:
             return
         key = code_key(tenant_id, digest)
         async with self._code_locks.setdefault(key, asyncio.Lock()):
+            if key not in self._doomed or self._code_users[key]:
+                return  # removed already, or in use again: its last user removes it
+            self._doomed.discard(key)
             if await self.store.digest_in_use(digest, tenant_id):
                 return  # the same code was uploaded again meanwhile
             self._unpacked.discard(key)
             await asyncio.to_thread(self.runner.remove_code, key)
         self._code_locks.pop(key, None)
+
+    @contextlib.contextmanager
+    def _using_code(self, tenant_id: str, digest: str) -> Iterator[None]:
+        """Counts an invocation from admission to its end as a user of its code."""
+        key = code_key(tenant_id, digest)
+        self._code_users[key] += 1
+        try:
+            yield
+        finally:
+            self._code_users[key] -= 1
+            if not self._code_users[key]:
+                del self._code_users[key]
+                if key in self._doomed:
+                    self._schedule_removal(tenant_id, digest)
 
     async def sweep_code(self) -> None:
         """At start: remove unpacked code its tenant no longer has (removals
@@ -364,6 +391,19 @@ class Invoker:
         assert self.runner is not None
         key = f"{fv.tenant_id}/{fv.name}"
         self.metrics.queued.set(self.scheduler.queued)
+        with self._using_code(fv.tenant_id, fv.digest):
+            return await self._run_admitted(fv, call, inv_id, limits, throttled, key)
+
+    async def _run_admitted(
+        self,
+        fv: FunctionVersion,
+        call: Call,
+        inv_id: str,
+        limits: Limits,
+        throttled: bool,
+        key: str,
+    ) -> JailResult:
+        assert self.runner is not None
         async with self.scheduler.slot(key, nested=call.depth > 0, gone=call.client_gone):
             self.metrics.in_flight.inc()
             try:

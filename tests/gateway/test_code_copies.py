@@ -68,3 +68,21 @@ async def test_a_call_queued_across_the_delete_runs_on_its_code(api: Api) -> Non
     assert rec.json()["outcome"] == "ok", rec.text
     running = await api.client.get("/api/v1/invocations?outcome=running", headers=api.auth())
     assert running.json()["invocations"] == [], running.text
+
+
+async def test_deleted_code_goes_at_once_when_nothing_runs_it(api: Api) -> None:
+    """Deleted code stayed ~5 minutes (the longest queue wait plus timeout)
+    even with nothing running: a delete-and-recreate loop kept ~19 GB on disk."""
+    from jail import choose_jail_dir
+
+    code = choose_jail_dir(api.settings.data_dir) / "code"
+    for round_ in range(3):
+        await api.deploy("churn", TARGET + f"# {round_}\n", public=True)
+        assert (await api.client.get("/fn/churn")).json() == {"ran": "on its code"}
+        r = await api.client.delete("/api/v1/functions/churn", headers=api.auth())
+        assert r.status_code == 204
+        for _ in range(100):
+            if not [p for p in code.iterdir() if "." in p.name]:
+                break
+            await asyncio.sleep(0.02)
+        assert [p.name for p in code.iterdir() if "." in p.name] == [], round_
