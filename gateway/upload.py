@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.machinery
 import io
 import keyword
 import re
@@ -182,6 +183,14 @@ def _refuse_shadowing(module_file: str, names: set[str]) -> None:
     parts = module_file.removesuffix("/__init__.py").removesuffix(".py").split("/")
     for i in range(1, len(parts) + 1):
         path = "/".join(parts[:i])
+        native = [n for n in names if n.startswith(path + ".") and n.endswith(_EXTENSION_SUFFIXES)]
+        if native:
+            raise UploadError(
+                "bad_entrypoint",
+                f"the archive has {native[0]}, which Python would import instead of "
+                f"{path}.py (and which cannot load in the jail): remove it",
+                {"file": native[0]},
+            )
         if f"{path}.py" in names and any(n.startswith(path + "/") for n in names):
             raise UploadError(
                 "bad_entrypoint",
@@ -218,7 +227,16 @@ _ENTRYPOINT = re.compile(rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})*:{_IDENTIFIER}")
 _MAX_ENTRYPOINT_LENGTH = 200
 # Module names the jail's interpreter resolves before /function: the standard
 # library's and the runtime's own (jail/runtime: bootstrap, _frames, nsfaas).
-_TAKEN_MODULES = frozenset(sys.stdlib_module_names) | {"bootstrap", "_frames", "nsfaas"}
+# Built-in and frozen modules too (xxsubtype, __hello__, __phello__), and
+# __main__ (the runtime itself); any __dunder__ name is refused with them.
+_TAKEN_MODULES = (
+    frozenset(sys.stdlib_module_names)
+    | frozenset(sys.builtin_module_names)
+    | {"bootstrap", "_frames", "nsfaas"}
+)
+# What Python's importer loads before a .py of the same name (extension
+# modules), for every suffix its interpreters use (this one's, the jail's).
+_EXTENSION_SUFFIXES = (".so", ".pyd", ".abi3.so", *importlib.machinery.EXTENSION_SUFFIXES)
 
 
 def _parse_entrypoint(entrypoint: str | None, limits: UploadLimits) -> tuple[str, str, str]:
@@ -237,7 +255,7 @@ def _parse_entrypoint(entrypoint: str | None, limits: UploadLimits) -> tuple[str
             f"entrypoint {excerpt(ep)!r} is not of the form 'module.path:function'",
             {"entrypoint": excerpt(ep)},
         )
-    if parts[0] in _TAKEN_MODULES:
+    if parts[0] in _TAKEN_MODULES or (parts[0].startswith("__") and parts[0].endswith("__")):
         # The runtime and the standard library come first on sys.path: this
         # name would import theirs, and every call would fail to load.
         raise UploadError(
