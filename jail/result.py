@@ -54,8 +54,9 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Controls (C0, DEL and C1: 0x85 NEL and 0x9b CSI act on terminals too), and
 # anything latin-1 cannot carry.
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]|[^\x00-\xff]")
-# A JSON escape of a UTF-16 surrogate: only then can a JSON body hold a lone one.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# What a JSON body must hold to be other than strict JSON: a UTF-16 surrogate's
+# escape (maybe a lone one), or NaN/Infinity. Only then is the body parsed.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 16 * 1024
 # What JSON from inside a jail may hold that neither the store (UTF-8 text)
@@ -391,8 +392,10 @@ def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:
         # {"s": "\udfff"} is JSON to Python's parser, but no UTF-8 text, and
         # strict clients refuse it (a str body holding one is refused already).
         try:
-            why = not_strict_json(_frames.loads(body))
-        except (ValueError, RecursionError):
+            why = not_strict_json(_frames._loads(body))
+        except RecursionError:  # JavaScript's JSON.parse reads deeper than Python's
+            why = "nesting too deep to check"
+        except ValueError:
             why = None  # not JSON at all: the function's own business
         if why is not None:
             return {
@@ -404,11 +407,12 @@ def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:
 
 
 def _declares_json(headers: tuple[tuple[str, str], ...]) -> bool:
-    for name, value in headers:
-        if name.lower() == "content-type":
-            kind = value.split(";")[0].strip().lower()
-            return kind == "application/json" or kind.endswith("+json")
-    return False
+    """Any Content-Type naming JSON (clients differ on which of two they use;
+    text/json, application/x-json and +json types are JSON to them too)."""
+    return any(
+        name.lower() == "content-type" and "json" in value.split(";")[0].lower()
+        for name, value in headers
+    )
 
 
 def _limit(outcome: str, name: str, value: float, message: str) -> dict[str, Any]:

@@ -18,6 +18,16 @@ def handler(request, ctx):
         return {"s": "\\udfff"}
     if kind == "pair":
         return {"s": "\\U0001F600", "t": "caf\\u00e9 \\u00a0"}
+    if kind == "two-types":
+        return Response('"\\ud800"', headers=[("Content-Type", "text/plain"),
+                                             ("Content-Type", "application/json")])
+    if kind == "deep":
+        return Response("[" * 3000 + '"\\ud800"' + "]" * 3000,
+                        headers={"Content-Type": "text/json"})
+    if kind == "nan":
+        return Response('{"a": NaN}', headers={"Content-Type": "application/x-json"})
+    if kind == "nan-text":
+        return Response('{"a": "NaN and Infinity"}', headers={"Content-Type": "application/json"})
     if kind == "text":
         return Response('{"s": "\\\\udfff"}', headers={"Content-Type": "text/plain"})
     return Response("x", headers={"X-A": "caf\\u00e9"})
@@ -27,7 +37,8 @@ def handler(request, ctx):
 @pytest.mark.parametrize(
     ("kind", "outcome"),
     [("c1", "bad_response"), ("lone", "bad_response"), ("pair", "ok"), ("text", "ok"),
-     ("latin1", "ok")],
+     ("latin1", "ok"), ("two-types", "bad_response"), ("deep", "bad_response"),
+     ("nan", "bad_response"), ("nan-text", "ok")],
 )
 async def test_responses_are_checked(api: Api, kind: str, outcome: str) -> None:
     await api.deploy("answers", SRC, public=True)
