@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from jail.proxy import CallContext, ProxyCallError
+from jail.result import not_strict_json
 
 from . import egress
 from .logbus import line_size
@@ -60,9 +61,12 @@ def encode_value(value: bytes, *, is_json: bool) -> bytes:
         try:
             # json.loads takes NaN and Infinity, which no other JSON parser
             # reads back; a stored value must be JSON to every client.
-            json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+            parsed = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, RecursionError):
             raise ProxyCallError("invalid_value", "value is not valid JSON") from None
+        # "\ud800" too: valid to Python's parser, no text to anyone else.
+        if "\\u" in text and (why := not_strict_json(parsed)) is not None:
+            raise ProxyCallError("invalid_value", f"value is not strict JSON: {why}")
         return value
     return BYTES_MARK + value
 

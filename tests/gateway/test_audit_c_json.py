@@ -109,3 +109,23 @@ async def test_ctx_kv_json_value_not_in_plain_utf8_is_invalid(api: Api) -> None:
         "utf-8-sig": bad,
         "plain": {"a": "\u00e9t\u00e9", "n": 1},
     }, r.text
+
+
+@pytest.mark.parametrize("value", [b'"\\ud800"', b'{"\\udfff": 1}', b'["ok", {"a": "\\udc00"}]'])
+async def test_a_kv_value_with_a_lone_surrogate_is_refused(api: Api, value: bytes) -> None:
+    """Stored with 204 and served back as application/json, which no strict
+    JSON parser reads; a function returning it got a 502."""
+    r = await api.client.put(
+        "/api/v1/kv/k", content=value,
+        headers={**api.auth(), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text
+    src = "def handler(r, c):\n    c.kv.put('k', '\\ud800')\n    return {}\n"
+    await api.deploy("kvsur", src, public=True)
+    r = await api.client.get("/fn/kvsur")
+    assert r.status_code == 500, r.text  # the function's put raised invalid_value
+    r = await api.client.put(
+        "/api/v1/kv/k", content=b'"\\ud83d\\ude00 fine"',
+        headers={**api.auth(), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 204, r.text
