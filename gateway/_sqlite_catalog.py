@@ -23,6 +23,7 @@ from gateway.store import (
     parse_route,
     paths_overlap,
     route_pattern,
+    route_shape,
 )
 
 KEY_PREFIX = "nsf_"
@@ -285,7 +286,11 @@ def _claim_routes(
         for other_method, other_path, other_tenant, other_name in others:
             if not methods_overlap(method, other_method):
                 continue
-            if other_tenant == tenant_id or paths_overlap(path, other_path):
+            if other_tenant == tenant_id:
+                clash = route_shape(path) == route_shape(other_path)
+            else:
+                clash = paths_overlap(path, other_path)
+            if clash:
                 # Name the other function only to its own tenant.
                 owner = (
                     f"function {other_name!r} ('{other_method} {other_path}')"

@@ -160,6 +160,16 @@ def route_pattern(path: str) -> str:
     return "/".join("{}" if _PARAM.fullmatch(s) else s for s in path.split("/"))
 
 
+def route_shape(path: str) -> str:
+    """``route_pattern`` that tells a ``{name:path}`` tail (``{**}``) from a
+    ``{param}`` segment: within a tenant only routes of one shape collide
+    (``/users/{id}`` and ``/users/{rest:path}`` may be two functions')."""
+    return "/".join(
+        ("{**}" if s.endswith(":path}") else "{}") if _PARAM.fullmatch(s) else s
+        for s in path.split("/")
+    )
+
+
 def methods_overlap(a: str, b: str) -> bool:
     """True if two route methods can match the same request (ANY overlaps
     everything; a GET route also answers HEAD)."""

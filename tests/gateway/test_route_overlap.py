@@ -121,3 +121,20 @@ async def test_a_tenant_may_overlap_its_own_routes(api: Api) -> None:
     ):
         r = await api.client.get(path)
         assert r.status_code == 200 and r.json()["who"] == who, (path, r.text)
+
+
+async def test_a_param_and_a_path_tail_may_be_two_functions_of_one_tenant(api: Api) -> None:
+    """`route_pattern` wrote both as `{}`, so the second function got a 409
+    although the README lets a tenant's routes overlap (the more specific
+    serves). The same route twice still collides."""
+    one = "def handler(r, c):\n    return {'fn': 'one', 'p': r.path_params}\n"
+    rest = "def handler(r, c):\n    return {'fn': 'rest', 'p': r.path_params}\n"
+    await api.deploy("tone", one, routes=["GET /t/{id}"], public=True)
+    await api.deploy("trest", rest, routes=["GET /t/{rest:path}"], public=True)
+    assert (await api.client.get("/t/42")).json() == {"fn": "one", "p": {"id": "42"}}
+    assert (await api.client.get("/t/4/2")).json() == {"fn": "rest", "p": {"rest": "4/2"}}
+    r = await api.client.put(
+        "/api/v1/functions/tdup", json={"source": one, "routes": ["GET /t/{other}"]},
+        headers=api.auth(),
+    )
+    assert r.status_code == 409 and r.json()["error"]["code"] == "route_conflict", r.text
