@@ -30,6 +30,7 @@ from .store import (
     NotFound,
     UploadQuota,
     parse_route,
+    route_shape,
 )
 from .upload import CodeBundle, UploadError, UploadLimits, bundle_from_source, bundle_from_zip
 
@@ -169,14 +170,17 @@ def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
 def _check_routes(routes: list[str]) -> list[str]:
     """The routes as the gateway writes them ("GET /x"), each once."""
     canonical: list[str] = []
+    shapes: dict[tuple[str, str], str] = {}
     for r in routes:
         try:
             method, path = parse_route(r)
         except ValueError as exc:
             raise ApiError(400, "invalid_routes", str(exc)) from None
         route = f"{method} {path}"
-        if route in canonical:
-            raise ApiError(400, "invalid_routes", f"route {route!r} is listed twice")
+        twin = shapes.setdefault((method, route_shape(path)), route)
+        if twin != route or route in canonical:
+            # "GET /q/{a}" and "GET /q/{b}": the second could never match.
+            raise ApiError(400, "invalid_routes", f"route {route!r} repeats {twin!r}")
         canonical.append(route)
     return canonical
 

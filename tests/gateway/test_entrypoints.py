@@ -112,4 +112,10 @@ async def test_routes_are_stored_as_the_gateway_writes_them(api: Api) -> None:
         headers=api.auth(),
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_routes", r.text
-    assert "listed twice" in r.json()["error"]["message"]
+    assert "repeats" in r.json()["error"]["message"]
+    r = await api.client.put(
+        "/api/v1/functions/routed",
+        json={"source": SRC, "routes": ["GET /r/{id}", "GET /r/{other}"]},
+        headers=api.auth(),
+    )
+    assert r.status_code == 400 and "repeats 'GET /r/{id}'" in r.json()["error"]["message"]
