@@ -9,7 +9,6 @@ import asyncio
 import errno
 import json
 import os
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 
 from jail import JailRunner, Worker
 from jail.proxy import CallContext, ProxyCallError
-from tests.hostile.test_seccomp import HOST_CONTROL, PROBE
+from tests.hostile.test_seccomp import PROBE, host_answers
 from tests.jailtest import FAST, Jail, body_json, describe, invocation
 
 # ---- 1. a child that answered early never speaks for the next invocation ---------
@@ -162,14 +161,7 @@ def test_host_control_the_new_answers_come_from_seccomp() -> None:
     """Unfiltered, as the jail's uid on the host, none of these calls gives the
     jail's answer (sync and sysinfo even succeed), except SHARE_TO pid 1,
     which the host refuses an unprivileged caller too (pid 1 is root's)."""
-    calls = {name: [nr, args] for name, (nr, args, _) in NEW_DENIALS.items()}
-    proc = subprocess.run(
-        ["/usr/bin/python3", "-I", "-S", "-c", HOST_CONTROL, json.dumps(calls)],
-        capture_output=True, text=True, timeout=60, user=65534, group=65534, extra_groups=[],
-        cwd="/", check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    host = json.loads(proc.stdout)
+    host = host_answers(NEW_DENIALS)
     same = sorted(n for n, (_, _, want) in NEW_DENIALS.items() if host[n] == [-1, want])
     assert same in ([], ["prctl_sched_core_share_to_pid1"]), {n: host[n] for n in same}
     assert host["sync"] == [0, 0] and host["sysinfo"] == [0, 0]

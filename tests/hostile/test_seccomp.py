@@ -161,15 +161,21 @@ CAPABILITY_FIRST = {"pivot_root", "reboot", "swapon", "swapoff", "syslog", "acct
                     "fsopen"}
 
 
-def test_host_control_the_jails_answers_come_from_seccomp() -> None:
-    calls = {name: [nr, args] for name, (nr, args, _) in CALLS.items()}
+def host_answers(calls: dict[str, tuple[int, list[Any], int]]) -> dict[str, list[int]]:
+    """What each call returns on the host, unfiltered, as an unprivileged uid:
+    the control that shows the jail's answers come from its seccomp policy."""
     proc = subprocess.run(
-        ["/usr/bin/python3", "-I", "-S", "-c", HOST_CONTROL, json.dumps(calls)],
+        ["/usr/bin/python3", "-I", "-S", "-c", HOST_CONTROL,
+         json.dumps({name: [nr, args] for name, (nr, args, _) in calls.items()})],
         capture_output=True, text=True, timeout=60, user=65534, group=65534, extra_groups=[],
         cwd="/", check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    host = json.loads(proc.stdout)
+    return dict(json.loads(proc.stdout))
+
+
+def test_host_control_the_jails_answers_come_from_seccomp() -> None:
+    host = host_answers(CALLS)
     same = sorted(n for n, (_, _, want) in CALLS.items() if host[n] == [-1, want])
     assert same == sorted(CAPABILITY_FIRST), {n: host[n] for n in same}
     # The interesting ones: without the filter they would even have succeeded.
