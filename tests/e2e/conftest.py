@@ -115,6 +115,15 @@ async def serving(head_timeout_s: float = 10.0, **overrides: Any) -> AsyncIterat
         remove_data_dir(data_dir)
 
 
+@contextlib.asynccontextmanager
+async def serving_one(name: str, source: str, **overrides: Any) -> AsyncIterator[Live]:
+    """``serving`` with one public function deployed."""
+    async with serving(**overrides) as live:
+        async with live.client() as c:
+            await live.deploy(c, name, source, public=True)
+        yield live
+
+
 async def raw_exchange(live: Live, data: bytes) -> bytes:
     """Send ``data`` over a raw connection (while reading: a refused sender is
     not read to the end), then everything the server sends until it closes."""

@@ -19,7 +19,7 @@ from .conftest import (
     Live,
     e2e_settings,
     raw_exchange,
-    serving,
+    serving_one,
     short_tmp,
 )
 
@@ -28,9 +28,7 @@ CHATTY = "def handler(request, ctx):\n    print('line', request.query.get('n'))\
 
 @pytest.fixture
 async def gw() -> AsyncIterator[Live]:
-    async with serving() as live:
-        async with live.client() as c:
-            await live.deploy(c, "chatty", CHATTY, public=True)
+    async with serving_one("chatty", CHATTY) as live:
         yield live
 
 

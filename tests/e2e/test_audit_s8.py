@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Live, raw_exchange, serving
+from .conftest import Live, raw_exchange, serving, serving_one
 
 ECHO = (
     "def handler(request, ctx):\n"
@@ -22,9 +22,7 @@ UPGRADE = (
 
 @pytest.fixture
 async def gw() -> AsyncIterator[Live]:
-    async with serving() as live:
-        async with live.client() as c:
-            await live.deploy(c, "echo", ECHO, public=True)
+    async with serving_one("echo", ECHO) as live:
         yield live
 
 

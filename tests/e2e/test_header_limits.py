@@ -34,6 +34,7 @@ from .conftest import (
     auth,
     raw_exchange,
     serving,
+    serving_one,
     short_tmp,
 )
 
@@ -46,9 +47,7 @@ CAP = 64 * 1024
 
 @pytest.fixture
 async def gw() -> AsyncIterator[Live]:
-    async with serving() as live:
-        async with live.client() as c:
-            await live.deploy(c, "echo", ECHO, public=True)
+    async with serving_one("echo", ECHO) as live:
         yield live
 
 
