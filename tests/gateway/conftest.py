@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import shutil
 import threading
 import time
+import zipfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +46,15 @@ class Api:
         resp = await self.client.post("/api/v1/tenants", json={"name": name}, headers=self.auth())
         assert resp.status_code == 201, resp.text
         return str(resp.json()["key"])
+
+
+def zip_b64(files: dict[str, str]) -> str:
+    """A zip of ``files`` (name -> text), base64 as an upload's ``archive``."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def make_settings(data_dir: Path, **kw: object) -> Settings:

@@ -4,9 +4,6 @@ misjudged, and routes that claim every tenant's paths."""
 
 from __future__ import annotations
 
-import base64
-import io
-import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 
@@ -15,7 +12,7 @@ import pytest
 from gateway.routes_table import RouteTable
 from gateway.store import RouteEntry
 
-from .conftest import Api, serve_http
+from .conftest import Api, serve_http, zip_b64
 
 # --- ctx.http.fetch keeps no cookies ---------------------------------------------------
 
@@ -162,14 +159,6 @@ def test_a_route_does_not_match_its_path_plus_a_newline() -> None:
 # --- the upload check of the entrypoint ------------------------------------------------
 
 
-def _zip(files: dict[str, str]) -> str:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, text in files.items():
-            zf.writestr(name, text)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 async def test_a_class_is_a_handler(api: Api) -> None:
     src = "class handler:\n    def __new__(cls, request, ctx):\n        return 'from a class'\n"
     r = await api.client.put(
@@ -193,7 +182,7 @@ async def test_a_class_is_a_handler(api: Api) -> None:
 )
 async def test_a_handler_bound_only_to_a_literal_is_refused(api: Api, src: str, kind: str) -> None:
     """Accepted before, and then every call failed: a literal is never callable."""
-    for body in ({"source": src}, {"archive": _zip({"handler.py": src})}):
+    for body in ({"source": src}, {"archive": zip_b64({"handler.py": src})}):
         r = await api.client.put("/api/v1/functions/literal", json=body, headers=api.auth())
         assert r.status_code == 400, r.text
         error = r.json()["error"]
@@ -226,7 +215,7 @@ async def test_a_handler_set_where_the_ast_cannot_see_is_accepted(
 ) -> None:
     r = await api.client.put(
         "/api/v1/functions/late",
-        json={"archive": _zip(files), "public": True},
+        json={"archive": zip_b64(files), "public": True},
         headers=api.auth(),
     )
     assert r.status_code == 201, r.text

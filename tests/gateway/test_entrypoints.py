@@ -3,23 +3,11 @@ __init__.py can be one."""
 
 from __future__ import annotations
 
-import base64
-import io
-import zipfile
-
 import pytest
 
-from .conftest import Api
+from .conftest import Api, zip_b64
 
 SRC = "def handler(r, c):\n    return {'from': __name__}\n"
-
-
-def archive(files: dict[str, str]) -> str:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, text in files.items():
-            z.writestr(name, text)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.mark.parametrize(
@@ -30,7 +18,7 @@ def archive(files: dict[str, str]) -> str:
 async def test_a_module_name_the_jail_resolves_first_is_refused(api: Api, module: str) -> None:
     """Accepted, every call was a 500: the standard library's (or the
     runtime's) module of that name was imported instead."""
-    for body in ({"source": SRC}, {"archive": archive({module.replace(".", "/") + ".py": SRC})}):
+    for body in ({"source": SRC}, {"archive": zip_b64({module.replace(".", "/") + ".py": SRC})}):
         r = await api.client.put(
             "/api/v1/functions/shadow",
             json={**body, "entrypoint": f"{module}:handler"},
@@ -55,7 +43,7 @@ async def test_a_module_and_a_package_of_one_name_are_refused(
 ) -> None:
     r = await api.client.put(
         "/api/v1/functions/both",
-        json={"archive": archive(files), "entrypoint": entrypoint},
+        json={"archive": zip_b64(files), "entrypoint": entrypoint},
         headers=api.auth(),
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_entrypoint", r.text
@@ -66,7 +54,7 @@ async def test_a_module_and_a_package_of_one_name_are_refused(
 async def test_a_package_init_is_an_entrypoint(api: Api) -> None:
     r = await api.client.put(
         "/api/v1/functions/pkg",
-        json={"archive": archive({"mypkg/__init__.py": SRC}), "entrypoint": "mypkg:handler",
+        json={"archive": zip_b64({"mypkg/__init__.py": SRC}), "entrypoint": "mypkg:handler",
               "public": True},
         headers=api.auth(),
     )
