@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import signal
+import stat
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +45,9 @@ SLOT_PREFIX = "slot-"
 JAIL_UID_BASE = 0x70000000
 JAIL_UID_BANDS = 4000
 JAIL_UID_BAND = 65536
+# Gateways on one host coordinate their bands: a pool holds an exclusive flock
+# on <dir>/<band>.lock for its life. The first of these that is writable.
+BAND_LOCK_DIRS = (Path("/run/nsfaas-uid-bands"), Path(tempfile.gettempdir()) / "nsfaas-uid-bands")
 
 
 def is_jail_uid(uid: int) -> bool:
@@ -94,12 +100,19 @@ class SlotPool:
     (OOM kills, pids-limit hits) stay readable after the jail is gone.
     """
 
-    def __init__(self, groups: Cgroups, uid_base: int = 0) -> None:
+    def __init__(
+        self, groups: Cgroups, uid_base: int = 0, *, band_locks: Path | None = None
+    ) -> None:
         """`uid_base`: 0 leaves every jail the cfg's uid map (65534 for all);
-        else each slot gets a uid of its own from a random band above it."""
+        else each slot gets a uid of its own from a random band above it, one
+        no other pool on this host holds (`band_locks`: the lock directory,
+        default the first usable of BAND_LOCK_DIRS)."""
         self.groups = groups
-        band = secrets.randbelow(JAIL_UID_BANDS) * JAIL_UID_BAND
-        self._uid0 = uid_base + band if uid_base else 0
+        self._band_fd: int | None = None
+        self.band: int | None = None
+        if uid_base:
+            self.band, self._band_fd = _lock_band(band_locks)
+        self._uid0 = uid_base + self.band * JAIL_UID_BAND if self.band is not None else 0
         self._uids: dict[str, int] = {}  # slot -> outside uid, unique among existing slots
         self._free: list[str] = []
         self._next = 0
@@ -322,9 +335,12 @@ class SlotPool:
                 d.rmdir()
 
     def close(self) -> None:
-        """Remove every free slot (graceful shutdown)."""
+        """Remove every free slot (graceful shutdown), and let the uid band go."""
         while self._free:
             self._remove(self._free.pop())
+        fd, self._band_fd = self._band_fd, None
+        if fd is not None:
+            os.close(fd)  # the flock goes with it
 
     def sweep(self) -> int:
         """Remove empty slots of dead gateways and NSJAIL.* cgroups left by nsjail."""
@@ -348,6 +364,44 @@ class SlotPool:
                         d.rmdir()
                         removed += 1
         return removed
+
+
+def _lock_dir(explicit: Path | None) -> Path | None:
+    """A directory of ours (not a symlink, owned by this uid) for band locks."""
+    for d in (explicit,) if explicit is not None else BAND_LOCK_DIRS:
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            return d
+    return None
+
+
+def _lock_band(explicit: Path | None) -> tuple[int, int | None]:
+    """A uid band no other pool on this host holds, and the fd of its lock
+    (held for the pool's life: the flock goes when the fd, or the process,
+    does). Bands are tried in random order. Without a usable lock directory,
+    a random band and None (and the collision risk of before)."""
+    d = _lock_dir(explicit)
+    if d is None:
+        return secrets.randbelow(JAIL_UID_BANDS), None
+    bands = list(range(JAIL_UID_BANDS))
+    secrets.SystemRandom().shuffle(bands)
+    for band in bands:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(d / f"{band}.lock", flags, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # held by another pool
+            continue
+        return band, fd
+    raise JailUnavailable(f"every outside-uid band is held by another pool ({d})")
 
 
 def _write(path: Path, value: object) -> None:

@@ -50,6 +50,10 @@ class JailConfig:
     # base_cfg has no uidmap/gidmap: every jail must be given its own uid
     # (build_command refuses one without: nsjail would map the caller, root).
     per_jail_uid: bool = False
+    # The gateway's own null, zero and urandom nodes (runner.make_devices),
+    # bound read-only over /dev/*; base_cfg then has no binds of the host's
+    # (without_host_devices). None: the cfg's binds of the host's nodes.
+    dev_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,21 @@ BOOT = (
 # every process of the jail is born inside the cgroup. Fixed text; the paths
 # and the nsjail command are positional arguments, never interpolated.
 LAUNCHER = 'echo $$ > "$1" && echo $$ > "$2" && echo $$ > "$3" && shift 3 && exec "$@"'
+
+
+# The device nodes a jail gets (/dev/<name>): (major, minor) of each.
+DEVICES = {"null": (1, 3), "zero": (1, 5), "urandom": (1, 9)}
+_HOST_DEVICE_BIND = re.compile(
+    r'^[ \t]*mount\s*\{\s*src:\s*"/dev/(?:null|zero|urandom)"[^}]*\}[^\n]*\n?', re.MULTILINE
+)
+
+
+def without_host_devices(cfg_text: str) -> str:
+    """The base policy minus its binds of the host's /dev/null, /dev/zero and
+    /dev/urandom, for jails that get the gateway's own nodes on the command
+    line instead (a bind over a bind would work, but keep the host's nodes
+    mounted underneath)."""
+    return _HOST_DEVICE_BIND.sub("", cfg_text)
 
 
 _ID_MAP = re.compile(r"^[ \t]*[ug]idmap\s*\{[^}]*\}[^\n]*\n?", re.MULTILINE)
@@ -156,6 +175,9 @@ def build_command(
         cmd += ["--symlink", f"{target}:{link}"]
     for hidden in interp.hidden:
         cmd += ["--mount", f"none:{hidden}:tmpfs:size=4096,nr_inodes=1,mode=0555"]
+    if config.dev_dir is not None:
+        for name in DEVICES:
+            cmd += ["--bindmount_ro", f"{config.dev_dir / name}:/dev/{name}"]
     # The function's own /tmp size and inode caps, over the cfg's default /tmp
     # (nsjail mounts a command-line tmpfs nosuid, nodev and noexec as well).
     tmp_opts = f"size={lim.tmp_mb * 1024 * 1024},nr_inodes={lim.tmp_inodes},mode=1777"

@@ -38,6 +38,15 @@ FRAME_TIMEOUT_S = 5.0  # a started frame must complete within this
 IDLE_TIMEOUT_S = 60.0  # an idle connection is closed after this
 SOCKET_NAME = "proxy.sock"
 ACCEPT_RETRY_S = 1.0  # after accept() ran out of fds (EMFILE): try again then
+# New connections per invocation: a token bucket. The SDK keeps one connection
+# per process and reconnects only after the proxy closed it, so a function
+# uses one or a few; a client that connects and closes in a loop costs the
+# event loop an accept, a task and a stream each time (8 looping processes
+# held it at 100% CPU). Past the budget the gateway stops accepting on that
+# socket until a token is back: the rest wait in the kernel's backlog (their
+# connect() blocks, or fails when it is full), at no cost to the gateway.
+CONNECT_RATE_PER_S = 32.0
+CONNECT_BURST = 16
 CLONE_FS = 0x200
 
 
@@ -74,21 +83,34 @@ def _error_head(call_id: int, code: str, message: str) -> dict[str, Any]:
 
 
 class _Bucket:
-    """Token bucket: ``rate`` calls per second, bursts of ``2 * rate``."""
+    """Token bucket: ``rate`` per second, bursts of ``burst`` (default ``2 * rate``)."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, burst: float | None = None) -> None:
         self.rate = rate
-        self.tokens = 2 * rate
+        self.burst = 2 * rate if burst is None else burst
+        self.tokens = self.burst
         self.at = time.monotonic()
 
-    def take(self) -> bool:
+    def _refill(self) -> None:
         now = time.monotonic()
-        self.tokens = min(2 * self.rate, self.tokens + (now - self.at) * self.rate)
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
-        if self.tokens >= 1:
+
+    def take(self) -> bool:
+        if self.ready():
             self.tokens -= 1
             return True
         return False
+
+    def ready(self) -> bool:
+        """Whether a token is there (without taking it)."""
+        self._refill()
+        return self.tokens >= 1
+
+    def wait_s(self) -> float:
+        """Seconds until the next token."""
+        self._refill()
+        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 class HostProxy:
@@ -104,16 +126,28 @@ class HostProxy:
     exists by then.
     """
 
-    def __init__(self, root: Path, handler: ProxyHandler, *, rate_per_s: float = 200.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        handler: ProxyHandler,
+        *,
+        rate_per_s: float = 200.0,
+        connect_rate_per_s: float = CONNECT_RATE_PER_S,
+        connect_burst: int = CONNECT_BURST,
+    ) -> None:
         self.dir = root / secrets.token_hex(8)
         self.path = self.dir / SOCKET_NAME
         self.handler = handler
         self.rate_per_s = rate_per_s
+        self.connect_rate_per_s = connect_rate_per_s
+        self.connect_burst = connect_burst
         self.calls = 0
+        self.accepted = 0  # connections accepted to be served (not those _reset drains)
         self._listener: socket.socket | None = None
         self._ctx: CallContext | None = None
         self._epoch = 0  # one per begin() and end(): what a connection was accepted in
         self._bucket = _Bucket(rate_per_s)
+        self._connects = _Bucket(connect_rate_per_s, connect_burst)
         # Every connection's task, until it ends -> the epoch it was accepted in.
         self._tasks: dict[asyncio.Task[None], int] = {}
         self._conns: set[asyncio.Task[None]] = set()  # those admitted (MAX_CONNECTIONS)
@@ -144,6 +178,10 @@ class HostProxy:
             return
         self._ctx = ctx
         self._bucket = _Bucket(self.rate_per_s)
+        self._connects = _Bucket(self.connect_rate_per_s, self.connect_burst)
+        if self._paused is not None:  # a spent budget was the last one's
+            self._paused.cancel()
+            self._resume()
 
     def end(self) -> None:
         """The invocation is over: drop its connections (its processes are gone too)."""
@@ -182,6 +220,13 @@ class HostProxy:
             return
         loop = asyncio.get_running_loop()
         for _ in range(64):  # the rest on the next callback: others get a turn
+            if not self._connects.ready():
+                # The invocation's connection budget is spent: stop listening
+                # until a token is back. What connects meanwhile waits in the
+                # kernel's backlog (or is refused when it is full), unaccepted.
+                loop.remove_reader(listener.fileno())
+                self._paused = loop.call_later(self._connects.wait_s(), self._resume)
+                return
             try:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -194,6 +239,8 @@ class HostProxy:
                     self._paused = loop.call_later(ACCEPT_RETRY_S, self._resume)
                     return
                 continue  # ECONNABORTED & co.: that one is gone
+            self._connects.take()  # taken only for a connection there was
+            self.accepted += 1
             # The task takes the socket out of `held` when it hands it to the
             # loop; one cancelled before it ever ran has it closed here.
             held = [conn]

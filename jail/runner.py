@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -15,14 +16,25 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import structlog
+
 from . import _interp, cgroups
-from .command import JailConfig, JailSpec, slot_limits_for, without_id_maps
+from .command import (
+    DEVICES,
+    JailConfig,
+    JailSpec,
+    slot_limits_for,
+    without_host_devices,
+    without_id_maps,
+)
 from .errors import JailError, JailUnavailable
 from .launcher import Launchers
 from .limits import Limits
 from .proxy import ProxyHandler
 from .result import JailResult
 from .worker import Invocation, Worker, start_within_timeout
+
+log = structlog.get_logger("nsfaas.jail")
 
 RUNTIME_SRC = Path(__file__).parent / "runtime"
 REPO_CFG = Path(__file__).resolve().parent.parent / "nsjail.cfg"
@@ -166,6 +178,32 @@ def install_runtime(jail_dir: Path, python: str | None = None) -> Path:
     return dest
 
 
+def make_devices(jail_dir: Path) -> Path | None:
+    """``<jail dir>/dev`` with character devices null, zero and urandom of the
+    gateway's own (mode 0666), for jails to bind instead of the host's nodes:
+    a lock a jail takes on its /dev/null (flock, fcntl) sits on the inode,
+    and on the host's inode it made host root's ``flock -n /dev/null`` fail.
+    None, and a log line, if the jail dir's file system cannot hold usable
+    device nodes (mounted nodev) or mknod is refused: the jails then get the
+    host's nodes, as the policy binds them."""
+    dev = jail_dir / "dev"
+    try:
+        if os.statvfs(jail_dir).f_flag & os.ST_NODEV:
+            raise OSError(f"{jail_dir} is on a file system mounted nodev")
+        make_dir(dev)
+        for name, (major, minor) in DEVICES.items():
+            tmp = dev / f".{name}-{os.getpid()}"
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.mknod(tmp, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.chmod(tmp, 0o666)  # noqa: S103 (what /dev/null is; mknod applies the umask)
+            os.replace(tmp, dev / name)
+    except OSError as exc:
+        log.warning("jail_devices_are_the_hosts", error=str(exc), jail_dir=str(jail_dir))
+        return None
+    return dev
+
+
 class JailRunner:
     """Everything needed to run jails on this machine. Create with ``create()``."""
 
@@ -210,16 +248,25 @@ class JailRunner:
         runtime = install_runtime(jail_dir, interpreter.exe)
         make_dir(jail_dir / "code")
         make_dir(jail_dir / "sock")
-        if uid_base:
-            # Each jail's ids are mapped on its command line (its slot's uid):
-            # the policy's own map, one uid for all jails, must go.
-            derived = jail_dir / "nsjail-per-jail-uid.cfg"
-            derived.write_text(without_id_maps(cfg.read_text()))
+        dev_dir = make_devices(jail_dir)
+        if uid_base or dev_dir is not None:
+            text = cfg.read_text()
+            if uid_base:
+                # Each jail's ids are mapped on its command line (its slot's uid):
+                # the policy's own map, one uid for all jails, must go.
+                text = without_id_maps(text)
+            if dev_dir is not None:
+                # Its binds of the host's device nodes too: ours are bound instead.
+                text = without_host_devices(text)
+            name = "nsjail-per-jail-uid.cfg" if uid_base else "nsjail-own-devices.cfg"
+            derived = jail_dir / name
+            derived.write_text(text)
             cfg = derived
         config = JailConfig(
             nsjail=find_nsjail(nsjail),
             base_cfg=cfg,
             per_jail_uid=bool(uid_base),
+            dev_dir=dev_dir,
             interpreter=interpreter,
             runtime_dir=runtime,
             cgroups=groups,

@@ -182,7 +182,7 @@ async def test_two_hundred_invocations_leave_nothing_behind(private_runner: Jail
     # No temp dir: every worker's proxy directory is gone.
     assert list((runner.jail_dir / "sock").iterdir()) == []
     assert sorted(p.name for p in runner.jail_dir.iterdir()) == [
-        "code", "nsjail-per-jail-uid.cfg", "runtime", "sock"
+        "code", "dev", "nsjail-per-jail-uid.cfg", "runtime", "sock"
     ]
     # No fd: pipes, sockets and pidfds were all closed.
     await asyncio.sleep(0)
