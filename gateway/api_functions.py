@@ -61,6 +61,9 @@ JSON_KEYS = {
     "entrypoint",
 }
 # Options of a raw-body upload, in the query string; the lists may repeat.
+# Uploads of one tenant waiting to be checked (one at a time: each parses up to
+# 50 MB of code); past it 429.
+MAX_UPLOADS_PER_TENANT = 16
 # Shorter than a warm call's own overhead under load: every call would time out.
 MIN_TIMEOUT_S = 0.1
 QUERY_KEYS = {"timeout_s", "memory_mb", "public", "entrypoint", "routes", "egress_allow"}
@@ -291,21 +294,24 @@ async def _put_function(
         raise ApiError(413, "too_large", f"source exceeds {limits.max_source_bytes} bytes")
     if archive is not None and len(archive) > limits.max_archive_bytes:
         raise ApiError(413, "too_large", f"archive exceeds {limits.max_archive_bytes} bytes")
+    lock, waiting = gw.tenant_uploads.get(who.tenant_id) or (asyncio.Lock(), 0)
+    if waiting >= MAX_UPLOADS_PER_TENANT:
+        raise ApiError(
+            429,
+            "too_many_uploads",
+            f"at most {MAX_UPLOADS_PER_TENANT} uploads of a tenant wait to be checked",
+            headers={"Retry-After": "1"},
+        )
+    gw.tenant_uploads[who.tenant_id] = (lock, waiting + 1)
     try:
-        bundle: CodeBundle
-        if source is not None:
-            bundle = await asyncio.to_thread(
-                bundle_from_source, source, entrypoint=config.entrypoint, limits=limits
-            )
+        async with lock, gw.validations:
+            bundle, blob = await _check_code(source, archive, config.entrypoint, limits)
+    finally:
+        lock, waiting = gw.tenant_uploads[who.tenant_id]
+        if waiting > 1:
+            gw.tenant_uploads[who.tenant_id] = (lock, waiting - 1)
         else:
-            assert archive is not None
-            bundle = await asyncio.to_thread(
-                bundle_from_zip, archive, entrypoint=config.entrypoint, limits=limits
-            )
-        blob = await asyncio.to_thread(bundle.to_zip)
-    except UploadError as exc:
-        status = 413 if exc.code in ("too_large", "too_many_files", "zip_bomb") else 400
-        raise ApiError(status, exc.code, exc.message, detail=exc.detail) from None
+            del gw.tenant_uploads[who.tenant_id]
     owner = await gw.store.find_function(name)
     if owner is not None and owner.tenant_id != who.tenant_id:
         raise ApiError(409, "name_taken", f"the function name {name!r} is taken")
@@ -335,6 +341,27 @@ async def _put_function(
     await gw.routes_changed()
     await gw.version_changed(fv)
     return JSONResponse(version_json(fv), status_code=201 if created else 200)
+
+
+async def _check_code(
+    source: bytes | None, archive: bytes | None, entrypoint: str, limits: UploadLimits
+) -> tuple[CodeBundle, bytes]:
+    """The validated bundle and the zip the store keeps; ApiError if refused."""
+    try:
+        bundle: CodeBundle
+        if source is not None:
+            bundle = await asyncio.to_thread(
+                bundle_from_source, source, entrypoint=entrypoint, limits=limits
+            )
+        else:
+            assert archive is not None
+            bundle = await asyncio.to_thread(
+                bundle_from_zip, archive, entrypoint=entrypoint, limits=limits
+            )
+        return bundle, await asyncio.to_thread(bundle.to_zip)
+    except UploadError as exc:
+        status = 413 if exc.code in ("too_large", "too_many_files", "zip_bomb") else 400
+        raise ApiError(status, exc.code, exc.message, detail=exc.detail) from None
 
 
 async def _own(gw: Gateway, request: Request) -> tuple[str, str]:

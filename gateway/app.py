@@ -70,6 +70,13 @@ class Gateway:
         )
         self.store: Store = open_store(settings.data_dir)
         self.bodies = ByteBudget(settings.max_buffered_bytes)
+        # Checking an upload parses its code, holding the interpreter lock for
+        # up to seconds (16 MB of source: 10 s of CPU): one at a time, so
+        # concurrent uploads queue instead of all slowing every request, and
+        # each tenant's in turn (a per-tenant lock first), so one tenant's
+        # burst queues behind itself, not in front of everyone.
+        self.validations = asyncio.Semaphore(1)
+        self.tenant_uploads: dict[str, tuple[asyncio.Lock, int]] = {}
         self.runner: JailRunner | None = None
         self.pool: WarmPool | None = None
         self.unavailable: str | None = "starting"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 import pytest
 
@@ -103,3 +104,50 @@ async def test_concurrent_uploads_do_not_overshoot_the_caps(api: Api) -> None:
     codes = await asyncio.gather(*(put(names[0], f"v{i}") for i in range(12)))
     assert codes.count(200) == 2 and codes.count(409) == 10, codes
     assert len(blobs(api)) == 3 + 2  # one per stored version, none for the refused
+
+
+def heavy(tag: str, lines: int = 4000) -> str:
+    """A source that takes the upload check a good fraction of a second."""
+    body = "".join(f"a{j} = [{j}, {j * 7}, {j * 13}, {j + 5}, {j * 3}, 6, 7, 8]\n"
+                   for j in range(lines))
+    return body + f"def handler(r, c):\n    return {tag!r}\n"
+
+
+async def test_uploads_are_checked_one_at_a_time_and_each_tenant_in_turn(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking parses the code holding the interpreter lock (16 MB of source
+    took 10 s of CPU); three at once slowed every call 20x. Now one check runs
+    at a time, and a tenant's burst queues behind itself: another tenant's
+    upload waits for at most the one check running."""
+    from gateway import api_functions
+
+    checking, most = 0, 0
+    real = api_functions.bundle_from_source
+
+    def counted(*args: Any, **kw: Any) -> Any:  # the real check, counted
+        nonlocal checking, most
+        checking += 1
+        most = max(most, checking)
+        try:
+            return real(*args, **kw)
+        finally:
+            checking -= 1
+
+    monkeypatch.setattr(api_functions, "bundle_from_source", counted)
+    a, b = await api.tenant("burst"), await api.tenant("other")
+    done: list[str] = []
+
+    async def put(key: str, name: str, src: str) -> None:
+        r = await api.client.put(f"/api/v1/functions/{name}", json={"source": src},
+                                 headers=api.auth(key))
+        assert r.status_code in (200, 201), r.text
+        done.append(name)
+
+    burst = [asyncio.create_task(put(a, "heavy", heavy(str(i)))) for i in range(4)]
+    await asyncio.sleep(0.05)  # the first check is running, three wait behind it
+    await put(b, "light", "def handler(r, c):\n    return 1 and {}\n")
+    await asyncio.gather(*burst)
+    assert most == 1, most
+    assert done.index("light") <= 2, done  # not behind the whole burst
+    assert api.app.state.gateway.tenant_uploads == {}  # type: ignore[attr-defined]
