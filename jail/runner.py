@@ -248,6 +248,10 @@ class JailRunner:
         runtime = install_runtime(jail_dir, interpreter.exe)
         make_dir(jail_dir / "code")
         make_dir(jail_dir / "sock")
+        # Proxy socket dirs of a gateway that crashed (one jail dir per data
+        # dir, and one gateway per data dir): nothing removes them otherwise.
+        for stale in (jail_dir / "sock").iterdir():
+            shutil.rmtree(stale, ignore_errors=True)
         dev_dir = make_devices(jail_dir)
         if uid_base or dev_dir is not None:
             text = cfg.read_text()

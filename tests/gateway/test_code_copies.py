@@ -5,6 +5,7 @@ function is deleted still runs on its code."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,27 @@ async def test_deleted_code_goes_at_once_when_nothing_runs_it(api: Api) -> None:
                 break
             await asyncio.sleep(0.02)
         assert [p.name for p in code.iterdir() if "." in p.name] == [], round_
+
+
+async def test_proxy_socket_dirs_a_crash_left_are_removed_at_start(tmp_path: Path) -> None:
+    """After a SIGKILL with calls running, their socket dirs stayed for good."""
+    import httpx
+
+    from gateway.app import create_app
+    from jail import choose_jail_dir
+
+    from .conftest import make_settings
+
+    settings = make_settings(tmp_path / "data")
+    sock = choose_jail_dir(settings.data_dir) / "sock"
+    for start in range(2):
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            if start == 0:
+                (sock / "0123456789abcdef").mkdir()  # as a crashed gateway left it
+                (sock / "0123456789abcdef" / "proxy.sock").touch()
+            else:
+                assert list(sock.iterdir()) == []
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://t") as c:
+                assert (await c.get("/healthz")).status_code == 200
