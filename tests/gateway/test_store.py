@@ -247,7 +247,7 @@ async def test_rollback_changes_active_version_and_routes(store: SqliteStore) ->
         ("GET /users/{id}", "GET /users/{name}"),
         ("ANY /hook", "POST /hook"),
         ("GET /hook", "ANY /hook"),
-        ("GET /files/{p:path}", "GET /files/{rest}"),
+        ("GET /files/{p:path}", "GET /files/{rest:path}"),
         ("get /same", "GET /same"),
     ],
 )

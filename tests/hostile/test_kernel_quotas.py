@@ -127,10 +127,17 @@ def handler(request, ctx):
             os._exit(0)
         kids.append(pid)
     held = hold(25)
-    time.sleep(3)
+    time.sleep(0.5)  # every process has resized what it could
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, 1031, 1 << 20)
+        over = False
+    except OSError:
+        over = True  # this jail's uid is past the soft limit (the positive control)
+    time.sleep(2.5)
     for pid in kids:
         os.waitpid(pid, 0)
-    return {"held": len(held)}
+    return {"over": over}
 """
 
 PIPE_USER = """
@@ -158,7 +165,7 @@ async def test_pipe_buffers_of_one_jail_do_not_shrink_anothers(jail: Jail, mode:
     held = asyncio.create_task(hog())
     await asyncio.sleep(1.5)  # the hog holds its pipes for 3 s
     got = body_json(await user())
-    assert body_json(await held)["held"] > 0
+    assert body_json(await held) == {"over": True}
     assert got == {"default": 65536, "grown": 1 << 20}, got
     await hog.assert_recovers()
 
