@@ -30,13 +30,14 @@ class _Compiled:
     # One per segment before a tail: (the literal, False) or (a {param}'s name, True).
     segments: tuple[tuple[str, bool], ...]
     tail: str | None  # the name of a last {name:path} segment
+    params: tuple[tuple[int, str], ...]  # (segment index, name) of every {param}
     # The most specific first; ties in the store's order (path, method, tenant, name).
     order: tuple[tuple[int, ...], str, str, str, str]
     key: _Key
-    # The literal first segment every path it matches begins with (its bucket),
-    # or None when the route begins with a parameter (routes declared today
-    # cannot: parse_route refuses them).
-    first: str | None
+    # True when the tree's order (per segment: literal, {param}, then a tail)
+    # is the order's: every route parse_route accepts. Others (none declared
+    # today) are matched one by one, as before, so they keep their old order.
+    regular: bool
     entry: RouteEntry
 
 
@@ -55,16 +56,110 @@ def _compile(e: RouteEntry) -> _Compiled:
             tail = m.group(1)
         else:
             segments.append((m.group(1), True))
-    first = segments[0][0] if segments and not segments[0][1] else None
     key = (e.method, e.path, e.tenant_id, e.name)
-    order = (route_specificity(e.path), e.path, e.method, e.tenant_id, e.name)
-    return _Compiled(e.method, tuple(segments), tail, order, key, first, e)
+    specificity = route_specificity(e.path)
+    order = (specificity, e.path, e.method, e.tenant_id, e.name)
+    kinds = tuple(1 if is_param else 0 for _, is_param in segments) + ((2,) if tail else ())
+    # "/" is one empty literal segment here and () to the order; the only other
+    # route that matches the path "/" is "/{p:path}", (2,), after it either way.
+    regular = kinds == specificity or e.path == "/"
+    params = tuple((i, text) for i, (text, is_param) in enumerate(segments) if is_param)
+    return _Compiled(e.method, tuple(segments), tail, params, order, key, regular, e)
 
 
 def _decode(segment: str) -> str:
     # As the server decodes a whole path: UTF-8, errors replaced (the invoke
     # routes answer 400 invalid_path for what does not decode).
     return unquote(segment) if "%" in segment else segment
+
+
+class _Node:
+    """A node of the route tree: what follows a sequence of segments.
+
+    ``lit`` leads on by a literal segment, ``param`` by a {param} (any
+    non-empty segment); ``end`` holds the routes that end here, ``tail`` those
+    whose {name:path} tail begins here, each sorted by their order. A node a
+    table holds is never changed again; a build copies the ones it changes
+    (``owner`` is the build that may still change it)."""
+
+    __slots__ = ("end", "lit", "owner", "param", "tail")
+
+    def __init__(self, owner: object) -> None:
+        self.lit: dict[str, _Node] = {}
+        self.param: _Node | None = None
+        self.end: tuple[_Compiled, ...] = ()
+        self.tail: tuple[_Compiled, ...] = ()
+        self.owner: object = owner
+
+    def copy(self, owner: object) -> _Node:
+        n = _Node(owner)
+        n.lit = dict(self.lit)
+        n.param, n.end, n.tail = self.param, self.end, self.tail
+        return n
+
+    def empty(self) -> bool:
+        return not self.lit and self.param is None and not self.end and not self.tail
+
+
+class _Build:
+    """One new tree from the last one: copies only the nodes on the way to a
+    route that was added or removed (each at most once)."""
+
+    def __init__(self, root: _Node | None) -> None:
+        self.owner = object()
+        self.root = root.copy(self.owner) if root is not None else _Node(self.owner)
+        self.leaves: dict[int, _Node] = {}  # whose end or tail must be sorted again
+
+    def _own(self, node: _Node) -> _Node:
+        return node if node.owner is self.owner else node.copy(self.owner)
+
+    def add(self, c: _Compiled) -> None:
+        node = self.root
+        for text, is_param in c.segments:
+            if is_param:
+                child = node.param
+                node.param = child = _Node(self.owner) if child is None else self._own(child)
+            else:
+                child = node.lit.get(text)
+                node.lit[text] = child = _Node(self.owner) if child is None else self._own(child)
+            node = child
+        if c.tail is None:
+            node.end = (*node.end, c)
+        else:
+            node.tail = (*node.tail, c)
+        self.leaves[id(node)] = node
+
+    def remove(self, c: _Compiled) -> None:
+        node = self.root
+        trail: list[tuple[_Node, str | None]] = []  # (parent, literal or None for param)
+        for text, is_param in c.segments:
+            if is_param:
+                child = node.param
+                assert child is not None
+                node.param = child = self._own(child)
+                trail.append((node, None))
+            else:
+                child = node.lit[text]
+                node.lit[text] = child = self._own(child)
+                trail.append((node, text))
+            node = child
+        if c.tail is None:
+            node.end = tuple(r for r in node.end if r is not c)
+        else:
+            node.tail = tuple(r for r in node.tail if r is not c)
+        while trail and node.empty():  # a branch nothing uses any more goes
+            parent, edge = trail.pop()
+            if edge is None:
+                parent.param = None
+            else:
+                del parent.lit[edge]
+            node = parent
+
+    def finish(self) -> _Node:
+        for node in self.leaves.values():
+            node.end = tuple(sorted(node.end, key=_order))
+            node.tail = tuple(sorted(node.tail, key=_order))
+        return self.root
 
 
 class RouteTable:
@@ -79,21 +174,27 @@ class RouteTable:
     decoded newline or tab is a character like any other ("/exact%0A" is not
     "/exact"), and a {name:path} tail is the rest of the raw path, decoded.
 
-    Routes are kept in buckets by their literal first segment (every route
-    declared today has one), each bucket sorted most specific first: a request
-    looks only at the routes that could match its first segment, and a new
-    snapshot built with ``previous=`` reuses every compiled route and every
-    bucket the change did not touch, so a deploy costs the gateway's event
-    loop a dictionary lookup per declared route (the routes come from the
-    store whole) plus the work on the changed ones, not a parse and sort of
-    them all (thousands of routes froze every call for tens to hundreds of ms
-    on each deploy, rollback and delete).
+    Routes are kept in a tree by segment (``_Node``): a request follows its
+    segments down it, a literal before a {param} before a {name:path} tail
+    (the most specific route first, as ``route_specificity`` orders them),
+    and steps back only where a branch it took ends without a route for it.
+    A request looks at the nodes whose segments match its own, never at the
+    routes of other paths: a lookup per segment where routes do not overlap,
+    however many routes share its first segment (a scan of the routes of the
+    first segment let one tenant's 4,000 routes under "/a" slow every request
+    under "/a", its neighbours' too, tenfold). A new snapshot built with
+    ``previous=`` reuses every compiled route and every node the change did
+    not touch (the nodes on the way to an added or removed route are copied),
+    so a deploy costs the gateway's event loop a dictionary lookup per
+    declared route (the routes come from the store whole) plus the work on
+    the changed ones, not a parse of them all (thousands of routes froze
+    every call for tens to hundreds of ms on each deploy, rollback and delete).
     """
 
-    __slots__ = ("_buckets", "_by_key", "_wild")
+    __slots__ = ("_by_key", "_odd", "_root")
     _by_key: dict[_Key, _Compiled]  # every route
-    _buckets: dict[str | None, tuple[_Compiled, ...]]  # by literal first segment, sorted
-    _wild: tuple[_Compiled, ...]  # routes without one, sorted
+    _root: _Node  # the regular routes
+    _odd: tuple[_Compiled, ...]  # the others, sorted (none that parse_route accepts)
 
     def __init__(
         self, entries: Iterable[RouteEntry] = (), *, previous: RouteTable | None = None
@@ -109,33 +210,31 @@ class RouteTable:
                 fresh[key] = c
             by_key[key] = c
         self._by_key = by_key
-        # The most specific route first ("/users/me" before "/users/{id}" before
-        # "/users/{rest:path}"); overlapping routes of different tenants are
-        # refused when declared, so this order only ever chooses within one tenant.
-        if previous is None:
-            groups: dict[str | None, list[_Compiled]] = {}
-            for c in by_key.values():
-                groups.setdefault(c.first, []).append(c)
-            buckets = {first: tuple(sorted(cs, key=_order)) for first, cs in groups.items()}
-        else:
-            added: dict[str | None, list[_Compiled]] = {}
-            for c in fresh.values():
-                added.setdefault(c.first, []).append(c)
-            touched = set(added)
-            if len(old) + len(fresh) != len(by_key):  # some routes went
-                touched.update(old[k].first for k in old.keys() - by_key.keys())
-            buckets = dict(previous._buckets)
-            if previous._wild:
-                buckets[None] = previous._wild
-            for first in touched:  # the other buckets stay as they were
-                kept = [c for c in buckets.get(first, ()) if by_key.get(c.key) is c]
-                kept += added.get(first, ())
-                if kept:
-                    buckets[first] = tuple(sorted(kept, key=_order))
-                else:
-                    buckets.pop(first, None)
-        self._wild = buckets.pop(None, ())
-        self._buckets = buckets
+        gone: list[_Compiled] = []
+        if previous is not None and len(old) + len(fresh) != len(by_key):  # some routes went
+            gone = [old[k] for k in old.keys() - by_key.keys()]
+        if previous is not None and not fresh and not gone:
+            self._root, self._odd = previous._root, previous._odd
+            return
+        build = _Build(previous._root if previous is not None else None)
+        odd = list(previous._odd) if previous is not None else []
+        for c in gone:
+            if c.regular:
+                build.remove(c)
+            else:
+                odd.remove(c)
+        for c in fresh.values():
+            if c.regular:
+                build.add(c)
+            else:
+                odd.append(c)
+        self._root = build.finish()
+        self._odd = tuple(sorted(odd, key=_order))
+
+    @property
+    def _buckets(self) -> dict[str, _Node]:
+        """The subtrees by literal first segment."""
+        return self._root.lit
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -147,22 +246,60 @@ class RouteTable:
         if not path.startswith("/"):
             return None
         raw = path[1:].split("/")
+        root = self._root
         first = _decode(raw[0]) if encoded else raw[0]
-        bucket = self._buckets.get(first, ())
-        if not bucket and not self._wild:
+        if first not in root.lit and root.param is None and not root.tail and not self._odd:
             return None
         decoded = [first, *map(_decode, raw[1:])] if encoded else raw
-        found = _first_match(bucket, method, raw, decoded, encoded)
-        if self._wild:
-            # Routes that begin with a parameter (stored before parse_route
-            # refused them): whichever of the two is the more specific serves.
-            other = _first_match(self._wild, method, raw, decoded, encoded)
-            if other is not None and (found is None or other[0].order < found[0].order):
-                found = other
+        found = _search(root, method, decoded)
+        if self._odd:
+            # Routes parse_route refuses (none are declared today): matched one
+            # by one, whichever of the two is the more specific serves.
+            other = _first_match(self._odd, method, raw, decoded, encoded)
+            if other is not None and (found is None or other[0].order < found.order):
+                return Match(other[0].entry.tenant_id, other[0].entry.name, other[1])
         if found is None:
             return None
-        c, params = found
-        return Match(c.entry.tenant_id, c.entry.name, params)
+        params = {name: decoded[i] for i, name in found.params}
+        if found.tail is not None:
+            rest = "/".join(raw[len(found.segments) :])
+            params[found.tail] = _decode(rest) if encoded else rest
+        return Match(found.entry.tenant_id, found.entry.name, params)
+
+
+def _search(root: _Node, method: str, segments: list[str]) -> _Compiled | None:
+    """The first route in the tree's order that matches: depth first, a literal
+    before a {param} before a tail at every segment."""
+    n = len(segments)
+    stack: list[tuple[_Node, int]] = []  # where to go on: (a node, its depth) or
+    node, depth = root, 0  # (a node, -1) for the tails that begin there
+    while True:
+        if 0 <= depth < n:
+            segment = segments[depth]
+            if node.tail:  # the rest of the path: after every route of this segment
+                stack.append((node, -1))
+            child = node.lit.get(segment)
+            param = node.param if segment else None  # a {param} is one non-empty segment
+            depth += 1
+            if child is not None:
+                if param is not None:
+                    stack.append((param, depth))
+                node = child
+                continue
+            if param is not None:
+                node = param
+                continue
+        else:
+            for c in node.end if depth == n else node.tail:
+                if (
+                    c.method == method
+                    or c.method == "ANY"
+                    or (c.method == "GET" and method == "HEAD")
+                ):
+                    return c
+        if not stack:
+            return None
+        node, depth = stack.pop()
 
 
 def _first_match(
