@@ -108,6 +108,8 @@ def bare_argv(runner: JailRunner, spec: JailSpec, bare: Path, fd: int) -> list[s
     kw: dict[str, Any] = {"ctl_fd": fd, "log_fd": fd}
     if "cgroup_procs" in inspect.signature(build).parameters:
         kw["cgroup_procs"] = [Path("/dev/null")] * 3
+    if getattr(runner.config, "per_jail_uid", False):
+        kw["uid"] = 65534  # only the argv after nsjail's "--" is used
     cmd = build(runner.config, spec, **kw)
     tail = cmd[len(cmd) - cmd[::-1].index("--") :]
     runtime_dst = getattr(jail_command, "RUNTIME_DST", "/opt/nsfaas")
