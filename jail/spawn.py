@@ -62,6 +62,17 @@ class Process:
         self.send_signal(signal.SIGKILL)
 
 
+def read_some(fd: int) -> bytes | None:
+    """One read of a non-blocking pipe: None if nothing is there yet, b"" at
+    EOF or on an error (either way the writer is done)."""
+    try:
+        return os.read(fd, 65536)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 def read_fd(fd: int) -> asyncio.StreamReader:
     """An asyncio stream over the read end of a pipe, which it owns: the fd is
     closed exactly once, at EOF (or a read error).
@@ -76,12 +87,9 @@ def read_fd(fd: int) -> asyncio.StreamReader:
     os.set_blocking(fd, False)
 
     def readable() -> None:
-        try:
-            data = os.read(fd, 65536)
-        except (BlockingIOError, InterruptedError):
+        data = read_some(fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             reader.feed_data(data)
             return

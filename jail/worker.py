@@ -38,7 +38,7 @@ from .result import (
     usage_number,
 )
 from .runtime import _frames
-from .spawn import Process, read_fd, spawn
+from .spawn import Process, read_fd, read_some, spawn
 
 NSJAIL_LOG_CAP = 64 * 1024
 CLOSE_GRACE_S = 1.0
@@ -703,12 +703,9 @@ class Worker:
             loop.add_reader(fd, self._output, fd, name)
 
     def _output(self, fd: int, name: str) -> None:
-        try:
-            data = os.read(fd, 65536)
-        except (BlockingIOError, InterruptedError):
+        data = read_some(fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the runtime is gone (it holds the other ends)
             asyncio.get_running_loop().remove_reader(fd)
             return
