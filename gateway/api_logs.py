@@ -100,7 +100,6 @@ MAX_QUERY_TOKENS = 16
 _TOKEN = re.compile(r"[^\W_]+")
 # Searches with q of one tenant running at once (live tails aside): past it 429.
 MAX_SEARCHES_PER_TENANT = 2
-_searching: dict[str, int] = {}
 
 
 def _text_query(params: QueryParams) -> str | None:
@@ -212,7 +211,7 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
     since, until = parse_time(q, "since"), parse_time(q, "until")
     limit = parse_limit(q)
     cursor = query_single(q, "cursor", "invalid_cursor")
-    if text is not None and _searching.get(tenant, 0) >= MAX_SEARCHES_PER_TENANT:
+    if text is not None and gw.searching.get(tenant, 0) >= MAX_SEARCHES_PER_TENANT:
         raise ApiError(
             429,
             "too_many_searches",
@@ -220,7 +219,7 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
             headers={"Retry-After": "1"},
         )
     if text is not None:
-        _searching[tenant] = _searching.get(tenant, 0) + 1
+        gw.searching[tenant] = gw.searching.get(tenant, 0) + 1
     try:
         lines, cursor = await gw.store.query_logs(
             tenant_id=tenant,
@@ -237,9 +236,9 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
         raise _bad_cursor() from None
     finally:
         if text is not None:
-            _searching[tenant] -= 1
-            if not _searching[tenant]:
-                del _searching[tenant]
+            gw.searching[tenant] -= 1
+            if not gw.searching[tenant]:
+                del gw.searching[tenant]
     if "application/x-ndjson" in request.headers.get("accept", ""):
         payload = "".join(json.dumps(line_json(x)) + "\n" for x in lines)
         return Response(

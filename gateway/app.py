@@ -77,6 +77,7 @@ class Gateway:
         # burst queues behind itself, not in front of everyone.
         self.validations = asyncio.Semaphore(1)
         self.tenant_uploads: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.searching: dict[str, int] = {}  # log searches with q running, per tenant
         self.runner: JailRunner | None = None
         self.pool: WarmPool | None = None
         self.unavailable: str | None = "starting"

@@ -90,7 +90,20 @@ async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
     shutil.rmtree(choose_jail_dir(settings.data_dir), ignore_errors=True)
 
 
-class _Upstream(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """A test upstream's handler: no access log, and a helper for a plain answer."""
+
+    def send_body(self, body: bytes, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Upstream(QuietHandler):
     """A plain HTTP server on loopback for ctx.http.fetch tests."""
 
     def do_GET(self) -> None:
@@ -129,14 +142,7 @@ class _Upstream(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(packed)
             return
-        body = b"hello from upstream"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.send_body(b"hello from upstream")
 
 
 @contextlib.contextmanager

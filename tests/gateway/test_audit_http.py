@@ -5,19 +5,18 @@ misjudged, and routes that claim every tenant's paths."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from gateway.routes_table import RouteTable
 from gateway.store import RouteEntry
 
-from .conftest import Api, serve_http, zip_b64
+from .conftest import Api, QuietHandler, serve_http, zip_b64
 
 # --- ctx.http.fetch keeps no cookies ---------------------------------------------------
 
 
-class _CookieUpstream(BaseHTTPRequestHandler):
+class _CookieUpstream(QuietHandler):
     """/login sets a cookie, /login-then-echo sets one and redirects to /echo;
     every other path answers with the Cookie header it received."""
 
@@ -35,14 +34,7 @@ class _CookieUpstream(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        body = (self.headers.get("Cookie") or "no cookie").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.send_body((self.headers.get("Cookie") or "no cookie").encode())
 
 
 @pytest.fixture
