@@ -13,6 +13,10 @@ Same hello handler everywhere, same load generator, loopback only:
   (b') warm-jail the warm path without HTTP, gateway, store or logs: ``Worker.invoke``
                  on warm workers (min(c, 8) of them) driven in-process. Not part of
                  the issue's four; it splits (b) into jail cost and gateway cost.
+  (e) proto      the issue's throwaway prototype rebuilt (``bench/proto.py``): one jailed
+                 stdlib-only Python forking a child per request behind the same kind of
+                 Starlette route, with no per-invocation limits, record or logs. Not
+                 one of the issue's four: it shows what the product's limits cost.
   (d) floor      fork + _exit + waitpid of a small Python process: a stdlib-only
                  ``python3 -I -S`` parent (the jail's interpreter) forking a child
                  that exits at once; at concurrency c, c such parents at once.
@@ -151,6 +155,9 @@ def server(kind: str, workdir: Path) -> Iterator[str]:
     if kind == "yardstick":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--yardstick", str(port)]
         health = f"http://127.0.0.1:{port}/fn/hello"
+    elif kind == "proto":
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "proto.py"), str(port)]
+        health = f"http://127.0.0.1:{port}/fn/hello"
     else:
         data = workdir / kind
         env.update(GATEWAY_ENV)
@@ -166,7 +173,7 @@ def server(kind: str, workdir: Path) -> Iterator[str]:
     try:
         wait_healthy(health, proc, log)
         base = f"http://127.0.0.1:{port}"
-        if kind != "yardstick":
+        if kind not in ("yardstick", "proto"):
             r = httpx.put(f"{base}/api/v1/functions/hello", json={"source": HELLO, "public": True},
                           headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
             if r.status_code not in (200, 201):
@@ -388,7 +395,7 @@ async def _warm_jail_cells(duration: float) -> list[Cell]:
 
 # -- report --------------------------------------------------------------------------------
 
-ORDER = ("cold", "warm", "warm-jail", "yardstick", "floor")
+ORDER = ("cold", "warm", "warm-jail", "proto", "yardstick", "floor")
 
 
 def table(cells: list[Cell]) -> str:
@@ -423,6 +430,11 @@ def targets(cells: list[Cell]) -> list[str]:
     if w8:
         out.append(f"warm throughput at c=8 is {w8.rps:,.0f} inv/s (target >= 2,000): "
                    f"{'met' if w8.rps >= 2000 else 'NOT met'}")
+    for conc in (1, 8):
+        w, p = get.get(("warm", conc)), get.get(("proto", conc))
+        if w and p:
+            out.append(f"warm vs the prototype at c={conc}: p50 {w.p50_ms:.2f} vs "
+                       f"{p.p50_ms:.2f} ms, {w.rps:,.0f} vs {p.rps:,.0f} inv/s ({w.rps / p.rps:.2f}x)")
     return out
 
 
@@ -436,7 +448,7 @@ def plot(cells: list[Cell], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    width = 0.16
+    width = 0.13
     panels = (("p50_ms", "p50 latency (ms)"), ("p99_ms", "p99 latency (ms)"),
               ("rps", "invocations/s"))
     for ax, (attr, title) in zip(axes, panels, strict=True):
