@@ -434,7 +434,8 @@ def targets(cells: list[Cell]) -> list[str]:
         w, p = get.get(("warm", conc)), get.get(("proto", conc))
         if w and p:
             out.append(f"warm vs the prototype at c={conc}: p50 {w.p50_ms:.2f} vs "
-                       f"{p.p50_ms:.2f} ms, {w.rps:,.0f} vs {p.rps:,.0f} inv/s ({w.rps / p.rps:.2f}x)")
+                       f"{p.p50_ms:.2f} ms, {w.rps:,.0f} vs {p.rps:,.0f} inv/s "
+                       f"({w.rps / p.rps:.2f}x)")
     return out
 
 
