@@ -32,7 +32,7 @@ from .store import (
     parse_route,
     route_shape,
 )
-from .upload import CodeBundle, UploadError, UploadLimits, bundle_from_source, bundle_from_zip
+from .upload import UploadError, UploadLimits
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -305,7 +305,7 @@ async def _put_function(
     gw.tenant_uploads[who.tenant_id] = (lock, waiting + 1)
     try:
         async with lock, gw.validations:
-            bundle, blob = await _check_code(source, archive, config.entrypoint, limits)
+            blob, unpacked = await _check_code(gw, source, archive, config.entrypoint, limits)
     finally:
         lock, waiting = gw.tenant_uploads[who.tenant_id]
         if waiting > 1:
@@ -321,7 +321,6 @@ async def _put_function(
     quota = UploadQuota(
         s.max_functions_per_tenant, s.max_versions_per_function, s.tenant_code_bytes
     )
-    unpacked = bundle.disk_bytes()
     for attempt in range(2):
         digest = await gw.store.put_blob(blob)
         try:
@@ -344,24 +343,18 @@ async def _put_function(
 
 
 async def _check_code(
-    source: bytes | None, archive: bytes | None, entrypoint: str, limits: UploadLimits
-) -> tuple[CodeBundle, bytes]:
-    """The validated bundle and the zip the store keeps; ApiError if refused."""
+    gw: Gateway, source: bytes | None, archive: bytes | None, entrypoint: str,
+    limits: UploadLimits,
+) -> tuple[bytes, int]:
+    """The zip the store keeps and its unpacked size on disk; ApiError if refused."""
     try:
-        bundle: CodeBundle
-        if source is not None:
-            bundle = await asyncio.to_thread(
-                bundle_from_source, source, entrypoint=entrypoint, limits=limits
-            )
-        else:
-            assert archive is not None
-            bundle = await asyncio.to_thread(
-                bundle_from_zip, archive, entrypoint=entrypoint, limits=limits
-            )
-        return bundle, await asyncio.to_thread(bundle.to_zip)
+        return await gw.checker.check(source, archive, entrypoint, limits)
     except UploadError as exc:
-        status = 413 if exc.code in ("too_large", "too_many_files", "zip_bomb") else 400
+        status = 413 if exc.code in _TOO_BIG else 400
         raise ApiError(status, exc.code, exc.message, detail=exc.detail) from None
+
+
+_TOO_BIG = frozenset({"too_large", "too_many_files", "zip_bomb", "too_complex"})
 
 
 async def _own(gw: Gateway, request: Request) -> tuple[str, str]:

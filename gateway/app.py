@@ -26,6 +26,7 @@ from jail.pool import WarmPool
 
 from . import api_functions as fns
 from . import api_kv, api_logs, openapi
+from .checker import CodeChecker
 from .config import Settings, load_admin_key
 from .deploy import deploy_examples
 from .errors import (
@@ -70,11 +71,14 @@ class Gateway:
         )
         self.store: Store = open_store(settings.data_dir)
         self.bodies = ByteBudget(settings.max_buffered_bytes)
-        # Checking an upload parses its code, holding the interpreter lock for
-        # up to seconds (16 MB of source: 10 s of CPU): one at a time, so
-        # concurrent uploads queue instead of all slowing every request, and
-        # each tenant's in turn (a per-tenant lock first), so one tenant's
-        # burst queues behind itself, not in front of everyone.
+        # Checking an upload parses its code (16 MB of source: 10 s of CPU), in
+        # one checker process: one at a time, so concurrent uploads queue
+        # instead of all taking CPU from the calls, and each tenant's in turn
+        # (a per-tenant lock first), so one tenant's burst queues behind
+        # itself, not in front of everyone.
+        self.checker = CodeChecker(
+            timeout_s=settings.upload_check_timeout_s, memory_mb=settings.upload_check_memory_mb
+        )
         self.validations = asyncio.Semaphore(1)
         self.tenant_uploads: dict[str, tuple[asyncio.Lock, int]] = {}
         self.searching: dict[str, int] = {}  # log searches with q running, per tenant
@@ -262,6 +266,7 @@ class Gateway:
         if self.invoker is not None:
             self.invoker.cancel_removals()  # the next start's sweep does them
         self.logbus.close()
+        self.checker.close()
         if self.pool is not None:
             await self.pool.aclose()
         if self.proxy is not None:

@@ -57,6 +57,10 @@ class Settings:
     # archive plus its unpacked files (what the jail dir holds once it runs).
     # 0: no cap.
     tenant_code_bytes: int = 1024 * 1024 * 1024
+    # Uploads are checked in a process of their own (gateway.checker): past
+    # these, an upload is refused as 413 too_complex.
+    upload_check_timeout_s: float = 60.0
+    upload_check_memory_mb: int = 2048
     # Logs retention (per function).
     log_retention_lines: int = 100_000
     log_retention_s: float = 7 * 24 * 3600.0

@@ -4,7 +4,7 @@ Customer code is never imported or executed on the host. A source file is
 only tokenized and parsed (``compile(..., PyCF_ONLY_AST)``), after cheap checks
 that bound what the parser may spend on it; an archive is read with bounded
 decompression (``gateway._zipcheck``). Everything here is synchronous and
-CPU-bound: the caller runs it in a worker thread.
+CPU-bound: the gateway runs it in a process of its own (``gateway.checker``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ UploadErrorCode = Literal[
     "special_file_in_zip",  # a device, fifo or socket entry
     "symlink_in_zip",  # a symlink entry
     "syntax_error",  # a .py file does not parse (detail: file, line, column)
+    "too_complex",  # the checker ran out of time or memory on it (gateway.checker)
     "too_large",  # a source file, the archive, or a file's token count is over its limit
     "too_many_files",  # more entries than max_files
     "zip_bomb",  # unpacked size, compression ratio or overlapping entries over the limits

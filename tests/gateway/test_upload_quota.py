@@ -116,25 +116,24 @@ def heavy(tag: str, lines: int = 4000) -> str:
 async def test_uploads_are_checked_one_at_a_time_and_each_tenant_in_turn(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Checking parses the code holding the interpreter lock (16 MB of source
-    took 10 s of CPU); three at once slowed every call 20x. Now one check runs
-    at a time, and a tenant's burst queues behind itself: another tenant's
-    upload waits for at most the one check running."""
-    from gateway import api_functions
-
+    """Checking parses the code (16 MB of source took 10 s of CPU); three at
+    once slowed every call 20x. Now one check runs at a time, and a tenant's
+    burst queues behind itself: another tenant's upload waits for at most the
+    one check running."""
+    checker = api.app.state.gateway.checker  # type: ignore[attr-defined]
     checking, most = 0, 0
-    real = api_functions.bundle_from_source
+    real = checker.check
 
-    def counted(*args: Any, **kw: Any) -> Any:  # the real check, counted
+    async def counted(*args: Any, **kw: Any) -> Any:  # the real check, counted
         nonlocal checking, most
         checking += 1
         most = max(most, checking)
         try:
-            return real(*args, **kw)
+            return await real(*args, **kw)
         finally:
             checking -= 1
 
-    monkeypatch.setattr(api_functions, "bundle_from_source", counted)
+    monkeypatch.setattr(checker, "check", counted)
     a, b = await api.tenant("burst"), await api.tenant("other")
     done: list[str] = []
 
