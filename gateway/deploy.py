@@ -75,6 +75,7 @@ async def deploy_examples(gw: Gateway, folder: Path) -> None:
                 continue
             current = await gw.store.get_version(tenant, name, None)
             if current.digest == digest and current.config == config:
+                await gw.version_changed(current)  # unpacked (again, if its code dir went)
                 continue
         try:
             unpacked = bundle.disk_bytes()
@@ -85,4 +86,5 @@ async def deploy_examples(gw: Gateway, folder: Path) -> None:
             log.error("example_conflict", function=name, error=exc.message)
             continue
         log.info("example_deployed", function=name, version=fv.version)
+        await gw.version_changed(fv)  # unpacked now, not at the first call
     await gw.routes_changed()
