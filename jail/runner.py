@@ -20,7 +20,9 @@ import structlog
 
 from . import _interp, cgroups
 from .command import (
+    CODE_DST,
     DEVICES,
+    RUNTIME_DST,
     JailConfig,
     JailSpec,
     slot_limits_for,
@@ -113,7 +115,10 @@ for path in sources:
     with open(path, "rb") as f:
         source = f.read()
     try:
-        code = compile(source, path, "exec", dont_inherit=True)
+        # The name the jail sees (argv[2]/...), not the host path: co_filename
+        # is stored in the .pyc, which a function can read (marshal.loads).
+        name = os.path.join(sys.argv[2], os.path.relpath(path, sys.argv[1]))
+        code = compile(source, name, "exec", dont_inherit=True)
         data = _code_to_hash_pyc(code, importlib.util.source_hash(source), False)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         ok = False
@@ -132,8 +137,11 @@ sys.exit(0 if ok else 1)
 """
 
 
-def precompile(python: str, folder: Path) -> bool:
+def precompile(python: str, folder: Path, jail_path: str) -> bool:
     """Write __pycache__ next to the sources, with the jail's own interpreter.
+    ``jail_path`` is where the jail sees ``folder``: the file names inside the
+    bytecode are those, so no host path (the data dir, the gateway's pid in a
+    temporary name) can be read from a ``.pyc``.
 
     The jail's interpreter reads bytecode but never writes it (-B, read-only
     mounts): without this, every cold start compiles the runtime and the
@@ -142,7 +150,7 @@ def precompile(python: str, folder: Path) -> bool:
     """
     try:
         proc = subprocess.run(  # noqa: S603 (fixed code, our interpreter, our folder)
-            [python, "-I", "-S", "-c", _COMPILE, str(folder)],
+            [python, "-I", "-S", "-c", _COMPILE, str(folder), jail_path],
             capture_output=True,
             timeout=60,
             check=False,
@@ -168,7 +176,7 @@ def install_runtime(jail_dir: Path, python: str | None = None) -> Path:
         shutil.copyfile(RUNTIME_SRC / src, target)
         os.chmod(target, 0o644)
     if python is not None:
-        precompile(python, tmp)
+        precompile(python, tmp, RUNTIME_DST)
     os.chmod(tmp, 0o755)  # noqa: S103 (the jail's uid must read the runtime; nothing secret)
     old = jail_dir / f".runtime-old-{os.getpid()}"
     if dest.exists():
@@ -305,7 +313,7 @@ class JailRunner:
         path = self.code_dir(digest)
         if not path.exists():
             unpack(path)
-            precompile(self.config.interpreter.exe, path)
+            precompile(self.config.interpreter.exe, path, CODE_DST)
         return path
 
     def spec(self, code_dir: Path, entrypoint: str, limits: Limits, **kw: object) -> JailSpec:
