@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -98,11 +99,26 @@ class SqliteStore(Store):
             max_workers=self._reader_count, thread_name_prefix="nsfaas-store-read"
         )
 
+    def _private_db_files(self) -> None:
+        """The database holds every tenant's KV values, env secrets and logs:
+        0600 whatever the umask and the data dir's mode (an operator may make
+        the data dir traversable for a jail dir inside it). SQLite gives the
+        -wal and -shm files it creates the database file's mode."""
+        fd = os.open(self._db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{self._db_path}{suffix}", 0o600)
+
     def _open_sync(self) -> None:
         try:
             self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._blob_dir.mkdir(mode=0o700, exist_ok=True)
             blobs.remove_stale_temp_files(self._blob_dir)
+            self._private_db_files()
             conn = connect(self._db_path, readonly=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError("storage_error", f"cannot open the store: {exc}") from exc

@@ -85,6 +85,24 @@ async def test_reopen_keeps_data_and_records_schema_version(tmp_path: Path) -> N
         assert db.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] >= 1
 
 
+async def test_the_database_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """They hold every tenant's KV values, env secrets and logs: with a data dir
+    others may traverse (a jail dir inside it), 0644 let any local uid, the
+    jails' outside uids included, read them."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 (the layout under test)
+    os.close(os.open(tmp_path / "nsfaas.db-wal", os.O_CREAT | os.O_WRONLY, 0o644))  # older run
+    old = os.umask(0o022)
+    try:
+        async with open_store(tmp_path) as s:
+            await s.create_tenant("acme")
+            files = sorted(n for n in os.listdir(tmp_path) if n.startswith("nsfaas.db"))
+            assert files == ["nsfaas.db", "nsfaas.db-shm", "nsfaas.db-wal"]
+            for name in files:
+                assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600, name
+    finally:
+        os.umask(old)
+
+
 async def test_closed_store_refuses_work(tmp_path: Path) -> None:
     s = SqliteStore(tmp_path)
     await s.open()
