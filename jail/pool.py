@@ -296,13 +296,23 @@ class WarmPool:
         task.add_done_callback(self._closing.discard)
 
     def _enforce_budget(self) -> None:
-        """Close least recently used idle workers while over the memory budget."""
+        """While over the memory budget, close the least recently used idle
+        worker of the tenant whose idle workers take the most memory. One LRU
+        across tenants let one call of a tenant's 2 GB function close every
+        other tenant's idle workers (their next calls cold, which they could
+        see: a channel between tenants, and everyone's warm starts at one
+        tenant's will). Now a tenant's workers only push out those of tenants
+        that hold more than it does (max-min fairness): a tenant within its
+        fair share keeps its warm workers whatever the others do."""
         while True:
+            per_tenant: dict[str, int] = {}
             idle = [(w.last_used, k, w) for k, e in self._keys.items() for w in e.idle]
-            used = sum(w.spec.limits.memory_mb for _, _, w in idle)
-            if used <= self.memory_budget_mb or not idle:
+            for _, k, w in idle:
+                per_tenant[_tenant(k)] = per_tenant.get(_tenant(k), 0) + w.spec.limits.memory_mb
+            if sum(per_tenant.values()) <= self.memory_budget_mb or not idle:
                 return
-            _, k, w = min(idle, key=lambda t: t[0])
+            fattest = max(per_tenant, key=lambda t: per_tenant[t])
+            _, k, w = min((t for t in idle if _tenant(t[1]) == fattest), key=lambda t: t[0])
             self._keys[k].idle.remove(w)
             self.stats.evicted += 1
             self._close_later(w)
@@ -356,6 +366,12 @@ class WarmPool:
 
 def _fn(key: str) -> str:
     return key.split("@", 1)[0]
+
+
+def _tenant(key: str) -> str:
+    """The tenant of a pool key (``tenant/name@version:digest``; a key
+    without a tenant is its own)."""
+    return key.split("/", 1)[0] if "/" in key else key
 
 
 def _average(previous: float, ms: float) -> float:

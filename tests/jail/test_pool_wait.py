@@ -111,3 +111,35 @@ async def test_background_workers_respect_the_memory_budget(
         assert pool.stats.evicted > 0
     finally:
         await pool.aclose()
+
+
+async def test_one_tenants_big_worker_does_not_evict_the_others(
+    runner: JailRunner, deploy: Deploy
+) -> None:
+    """The budget was one LRU across tenants: one call of tenant A's function
+    with a large memory limit closed tenant B's idle workers, so B's next calls
+    were cold (B could see that: a channel, and a denial of warm starts). Now
+    the tenant holding the most idle memory gives way first. Budget: 192 MB;
+    B keeps two 64 MB workers, A's 160 MB worker is the one that goes."""
+    pool = WarmPool(runner.config, max_idle_per_key=1, idle_s=30, memory_budget_mb=3 * 64)
+    pool.start()
+    try:
+        small = Limits(timeout_s=5, memory_mb=64)
+        b_specs = [runner.spec(deploy(QUICK + f"# b{n}\n"), "handler:handler", small)
+                   for n in range(2)]
+        for n, spec in enumerate(b_specs):
+            r = await pool.run(f"tb/q{n}@1:a", spec, Invocation(f"b{n}", "q", 1, "tb"))
+            assert r.body == b"quick", describe(r)
+        started = pool.stats.started
+        big = runner.spec(deploy(QUICK + "# a\n"), "handler:handler",
+                          Limits(timeout_s=5, memory_mb=160))
+        r = await pool.run("ta/big@1:a", big, Invocation("a0", "big", 1, "ta"))
+        assert r.body == b"quick", describe(r)
+        idle = {k: len(e.idle) for k, e in pool._keys.items() if e.idle}
+        assert idle == {"tb/q0@1:a": 1, "tb/q1@1:a": 1}, idle
+        for n, spec in enumerate(b_specs):  # B's calls are still warm: no new worker
+            r = await pool.run(f"tb/q{n}@1:a", spec, Invocation(f"b{n}x", "q", 1, "tb"))
+            assert r.body == b"quick", describe(r)
+        assert pool.stats.started == started + 1  # A's worker only
+    finally:
+        await pool.aclose()
