@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 import signal
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -59,6 +58,11 @@ _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]|[^\x00-\xff]")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 16 * 1024
+# A result frame's JSON header: status, at most MAX_HEADER_BYTES of response
+# headers (up to 6x that once escaped), an error message of 2,000 characters
+# and usage. The gateway decodes it on its event loop: 1 MiB of it (the frame
+# protocol's own cap) cost about a second of CPU there, shared by every tenant.
+RESULT_MAX_HEADER = 128 * 1024
 # What JSON from inside a jail may hold that neither the store (UTF-8 text)
 # nor a JSON response (no NaN) can: lone surrogates ("\\ud800" is valid JSON,
 # not UTF-8) and NaN/Infinity. Only a document that mentions one is walked.
@@ -257,6 +261,7 @@ class Ending:
     nsjail_exit: int | None = None
     nsjail_log: str = ""
     loading: bool = False  # the runtime died before it had loaded the function
+    reported_usage: dict[str, Any] | None = None  # the result frame's "usage", once decoded
 
 
 def decide(end: Ending) -> dict[str, Any]:
@@ -341,17 +346,6 @@ def decide(end: Ending) -> dict[str, Any]:
     }
 
 
-def frame_usage(raw: bytes) -> dict[str, Any]:
-    """The cpu_ms/maxrss_kb a child reported about itself in its result frame."""
-    try:
-        hlen, _ = _frames.PREFIX.unpack_from(raw)
-        head = jail_header(raw[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
-    except (_frames.FrameError, ValueError, struct.error):
-        return {}
-    usage = head.get("usage")
-    return usage if isinstance(usage, dict) else {}
-
-
 def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:
     try:
         if len(raw) < _frames.PREFIX.size:
@@ -359,9 +353,13 @@ def _from_frame(raw: bytes, end: Ending) -> dict[str, Any]:
         hlen, blen = _frames.PREFIX.unpack_from(raw)
         if len(raw) != _frames.PREFIX.size + hlen + blen:
             raise _frames.FrameError("truncated result frame")
+        if hlen > RESULT_MAX_HEADER:
+            raise _frames.FrameError(f"result frame header over {RESULT_MAX_HEADER} bytes")
         head = jail_header(raw[_frames.PREFIX.size : _frames.PREFIX.size + hlen])
     except (_frames.FrameError, ValueError) as exc:
         return {"outcome": "error", "error_type": "NoResult", "error_message": str(exc)}
+    usage = head.get("usage")
+    end.reported_usage = usage if isinstance(usage, dict) else None  # decoded once
     body = raw[_frames.PREFIX.size + hlen :]
     kind = head.get("kind")
     if kind == "error":

@@ -28,11 +28,11 @@ from .launcher import Prepared
 from .limits import Limits
 from .proxy import CallContext, HostProxy, ProxyHandler
 from .result import (
+    RESULT_MAX_HEADER,
     Ending,
     JailResult,
     LogEntry,
     decide,
-    frame_usage,
     jail_header,
     log_entry,
     usage_number,
@@ -51,7 +51,9 @@ EXIT_GRACE_S = 0.5  # after a whole answer, a child has this long to exit before
 START_EXIT_GRACE_S = 0.5  # for nsjail to exit once the runtime died while loading
 MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
 STRAY_CAP = 1 << 20  # output between two invocations that retires a worker (see _stray)
-CONTROL_FRAME_CAP = 64 * 1024  # control frames are small JSON objects without a body
+# Control frames are small JSON objects without a body (a load error's message
+# is 2,000 characters): each is decoded on the event loop.
+CONTROL_FRAME_CAP = 16 * 1024
 # A child's output channels, after its stdin (see _make_channels).
 OUTPUTS = ("stdout", "stderr", "ctx", "result")
 
@@ -133,6 +135,7 @@ class _Control:
         self.sock = sock
         self.frames: collections.deque[dict[str, Any]] = collections.deque()
         self.exited: dict[int, dict[str, Any]] = {}
+        self.child = 0  # the number of the child in use (Worker._child)
         self.broken: str | None = None
         self.waiters: list[asyncio.Future[None]] = []  # settled on anything new
         self._buf = bytearray()
@@ -171,7 +174,14 @@ class _Control:
                 self.fail(str(exc))
                 return False
             if header.get("op") == "exited" and isinstance(header.get("n"), int):
-                self.exited[header["n"]] = header
+                # One per child, for the child in use or the one forked for the
+                # next call: the control fd is open during the import, and
+                # tenant code there sent thousands (each decoded on the loop).
+                n = header["n"]
+                if n in self.exited or not self.child <= n <= self.child + 1:
+                    self.fail("the runtime sent an unexpected exit report")
+                    return False
+                self.exited[n] = header
                 if len(self.exited) > 2:
                     self.exited.pop(min(self.exited))
                 if header.get("retire"):
@@ -287,7 +297,7 @@ class _ChildRun:
 
     def _add_result(self, data: bytes) -> None:
         self.result_bytes += len(data)
-        if self.result_bytes > self.response_cap + _frames.MAX_HEADER + _frames.PREFIX.size:
+        if self.result_bytes > self.response_cap + RESULT_MAX_HEADER + _frames.PREFIX.size:
             self._finish("response")  # however it is framed, no answer is this big
             return
         if self.result_size < 0:
@@ -295,7 +305,7 @@ class _ChildRun:
         self.result += data
         if not self.result_size and len(self.result) >= _frames.PREFIX.size:
             hlen, blen = _frames.PREFIX.unpack_from(self.result)
-            if hlen > _frames.MAX_HEADER:
+            if hlen > RESULT_MAX_HEADER:
                 self.result_size = -1
                 return
             if blen > self.response_cap:
@@ -591,9 +601,10 @@ class Worker:
                 logs.add(entry.stream, entry.message)
             self._own = _Collector(lim.log_bytes, lim.log_lines)
             return self._result(end, logs, t0, start)
-        # Counters are cumulative and nothing runs between invocations: the
-        # last reading is this one's baseline (two file reads saved per call).
-        before = self._last_counters or self._counters()
+        # Counters are cumulative: the last reading is this one's baseline (two
+        # file reads saved per call), unless the previous child answered early
+        # and might still have run (None: read once it is reported gone).
+        before = self._last_counters
         call_ctx = CallContext(
             invocation_id=inv.invocation_id,
             tenant=inv.tenant,
@@ -609,6 +620,8 @@ class Worker:
         try:
             async with asyncio.timeout(budget):
                 n = await self._next_child()
+                if before is None:
+                    before = self._counters()
                 if self.proxy is not None:
                     # Only now, with the previous child and everything it started
                     # reported gone (a child that answered early may linger up to
@@ -657,7 +670,13 @@ class Worker:
                 self._desynced = True
         if run is not None and end.done is not None and not end.timed_out and not run.limit:
             end.result_body = bytes(run.result)
-        after = self._last_counters = self._counters()
+        after = self._counters()
+        if before is None:  # the previous child never went: nothing of this one ran
+            before = after
+        # A child that answered early may run on (up to EXIT_GRACE_S): its
+        # pids-limit hits and OOM kills after this reading are neither this
+        # call's (it answered) nor the next's, whose baseline is read after it.
+        self._last_counters = None if (end.done or {}).get("early") else after
         end.oom_kills = after["oom_kill"] - before["oom_kill"]
         end.pids_hits = after["pids_max"] - before["pids_max"]
         if end.done is None:
@@ -672,8 +691,8 @@ class Worker:
     def _result(self, end: Ending, logs: _Collector, t0: float, start: str) -> JailResult:
         fields = decide(end)
         done = end.done or {}
-        if done.get("early") and end.result_body:
-            done = {**done, **frame_usage(end.result_body)}
+        if done.get("early") and end.reported_usage:
+            done = {**done, **end.reported_usage}
         cpu = usage_number(done.get("cpu_ms"))
         rss = usage_number(done.get("maxrss_kb"))
         if fields.get("outcome") == "jail_failure":
@@ -771,6 +790,7 @@ class Worker:
         self._stray_bytes = self._own_bytes = 0
         self._take_acks()
         self._child += 1
+        ctl.child = self._child
         return self._child
 
     def _take_acks(self) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 
-from tests.jailtest import Jail, body_json
+import pytest
+
+from tests.jailtest import Jail, body_json, describe
 
 # ---- 1. no host path in any .pyc a function can read ------------------------------
 
@@ -77,3 +79,103 @@ async def test_a_non_blocking_read_cannot_probe_the_shared_page_cache(
     assert got == {"nowait": errno.EOPNOTSUPP, "plain": 4096}, got
     await fn.assert_recovers()
 
+
+
+# ---- 3. what a jail makes the gateway decode on its event loop is bounded --------------
+
+BIG_HEADER = r"""
+import json, os, struct
+
+def handler(request, ctx):
+    n = int(request.body or b"0")
+    # A result frame of our own, its JSON header n list items long.
+    head = json.dumps({"kind": "ok", "status": 200, "headers": [], "x": "\ud800",
+                       "y": [[] for _ in range(n)]}).encode()
+    os.write(3, struct.pack(">II", len(head), 2) + head + b"hi")
+    os._exit(0)
+"""
+
+
+async def test_a_result_header_over_its_cap_is_no_result(jail: Jail, mode: str) -> None:
+    """The result header was capped only by the frame protocol's 1 MiB: one with
+    340,000 items and a lone surrogate cost the gateway about a second of CPU on
+    its event loop, per call, shared by every tenant. Now 128 KiB: a bigger one
+    is not an answer (NoResult) and is never decoded."""
+    from jail.result import RESULT_MAX_HEADER
+
+    fn = jail.function(BIG_HEADER, mode)
+    r = await fn(b"100")  # a small one is an answer
+    assert r.outcome == "ok" and r.body == b"hi", describe(r)
+    r = await fn(str(RESULT_MAX_HEADER // 3).encode())  # "[]," is 3 bytes
+    assert r.outcome == "error" and r.error_type == "NoResult", describe(r)
+    await fn.assert_recovers()
+
+
+EXIT_REPORTS = r"""
+import json, os, struct, sys
+
+# At import the runtime's control socket is open (its fd is argv[1]): fake
+# reports of child exits, which the gateway used to decode, any number of them.
+_ctl = int(sys.argv[1])
+_frame = json.dumps({"op": "exited", "n": 1, "exit_code": 0}).encode()
+for _ in range(3):
+    os.write(_ctl, struct.pack(">II", len(_frame), 0) + _frame)
+
+def handler(request, ctx):
+    return "never"
+"""
+
+
+async def test_forged_exit_reports_break_only_their_own_worker(jail: Jail) -> None:
+    """One report per child, for the child in use or the next: a second report
+    of one child (or one out of range) breaks the control channel. The
+    function's own worker fails; nothing else does."""
+    r = await jail.cold(EXIT_REPORTS)
+    assert r.outcome == "jail_failure", describe(r)
+    assert "unexpected exit report" in (r.error_message or ""), describe(r)
+    await jail.assert_good_function_works()
+
+
+# ---- 4. what a child does after its answer is nobody else's outcome --------------------
+
+LINGER = r"""
+import json, os, struct, time
+
+def handler(request, ctx):
+    if request.body == b"raise":
+        raise ValueError("plain error")
+    head = json.dumps({"kind": "ok", "status": 200, "headers": []}).encode()
+    os.write(3, struct.pack(">II", len(head), 8) + head + b"answered")  # the answer, early
+    if request.body == b"pids":
+        for _ in range(40):  # past the pids limit, after the answer
+            try:
+                if os.fork() == 0:
+                    time.sleep(5)
+                    os._exit(0)
+            except OSError:
+                pass
+        time.sleep(0.2)
+    else:
+        hog = []
+        while True:  # out of memory, after the answer
+            hog.append(bytearray(1 << 20))
+    os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("after", ["pids", "oom"])
+async def test_a_child_that_runs_on_after_its_answer_is_not_the_next_calls_limit(
+    jail: Jail, after: str
+) -> None:
+    """The slot's counters were read when the answer was complete, while the
+    child could run on for up to 0.5 s: its pids-limit hits or OOM kill were
+    counted by the next call, a plain ValueError recorded as 502 killed/pids
+    or oom (and a penalty strike)."""
+    fn = jail.function(LINGER, "warm")
+    for _ in range(2):
+        r = await fn(after.encode())
+        assert r.outcome == "ok" and r.body == b"answered", describe(r)
+        r = await fn(b"raise")
+        assert r.outcome == "error" and r.error_type == "ValueError", describe(r)
+        assert r.limit_name is None, describe(r)
+    await fn.assert_recovers()
