@@ -299,6 +299,31 @@ class SlotPool:
             fds = self._counter_fds[name] = (oom, pids)
         return {"oom_kill": _pread_key(fds[0], "oom_kill"), "pids_max": _pread_key(fds[1], "max")}
 
+    def cpu_ms(self, name: str) -> float | None:
+        """CPU time used in the slot, in ms, to compare two readings (v2: the
+        cgroup's own usage; v1, whose slots have no cpuacct: the sum over its
+        processes in /proc, all threads and reaped children included). None if
+        unknown."""
+        if self.groups.version == 2:
+            try:
+                text = (self.groups.root / name / "cpu.stat").read_text()
+            except OSError:
+                return None
+            for line in text.splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec" and value.strip().isdigit():
+                    return int(value) / 1000.0
+            return None
+        total = 0
+        for pid in self.pids_in(name):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                # utime, stime, and those of its children it reaped (a jail's
+                # pid 1 reaps every orphan: short-lived processes count too)
+                total += sum(int(x) for x in fields[11:15])
+        return total * 1000.0 / _CLK_TCK
+
     def pids_in(self, name: str) -> list[int]:
         out: list[int] = []
         for f in self.procs_files(name):
@@ -407,6 +432,9 @@ def _lock_band(explicit: Path | None) -> tuple[int, int | None]:
 def _write(path: Path, value: object) -> None:
     with open(path, "w") as f:
         f.write(str(value))
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _pread_key(fd: int, key: str) -> int:

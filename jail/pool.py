@@ -27,6 +27,8 @@ from .result import JailResult
 from .worker import Invocation, Worker, start_within_timeout
 
 HOT_S = 1.0  # called again within this many seconds: keep a second warm worker
+IDLE_WATCH_S = 1.0  # how often idle workers' CPU use is looked at (watch_idle)
+IDLE_CPU_MS = 100.0  # CPU between two looks that closes an idle worker
 
 
 @dataclass(slots=True)
@@ -35,6 +37,7 @@ class PoolStats:
     reused: int = 0
     replaced: int = 0  # workers that died or broke and were dropped
     evicted: int = 0  # idle workers closed by the reaper or the memory budget
+    busy_idle: int = 0  # idle workers closed because their jail used CPU (watch_idle)
 
 
 @dataclass(slots=True)
@@ -318,9 +321,43 @@ class WarmPool:
             self._close_later(w)
 
     async def _reap_loop(self) -> None:
+        every = min(5.0, max(0.05, self.idle_s / 4))
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(min(5.0, max(0.05, self.idle_s / 4)))
-            self.reap()
+            await asyncio.sleep(IDLE_WATCH_S)
+            self.watch_idle()
+            if time.monotonic() - last >= every:
+                last = time.monotonic()
+                self.reap()
+
+    def watch_idle(self) -> None:
+        """Close idle workers whose jail uses CPU. An idle jail waits: the
+        zygote for a request, its pre-forked child on its stdin. But tenant
+        code can run there before any request (at-fork hooks the module
+        registered run in every forked child, as does a patch of the
+        runtime it made at import) with no call in flight: no timeout, no
+        concurrency cap and no penalty box saw 8 CPU burners per idle worker
+        (load average 23, other tenants' calls 2-4x slower). Past
+        IDLE_CPU_MS of CPU between two looks (IDLE_WATCH_S apart) the
+        worker is closed, and whatever it started with it."""
+        slots = self.config.slots
+        for entry in self._keys.values():
+            for w in list(entry.idle):
+                if w.slot is None:
+                    continue
+                if time.monotonic() - w.last_used < IDLE_WATCH_S:
+                    # Its last call's child may not be reaped yet (its CPU then
+                    # lands on the zygote), nor the next child's dry run done.
+                    w.idle_cpu_mark = None
+                    continue
+                used = slots.cpu_ms(w.slot)
+                if used is None:
+                    continue
+                mark, w.idle_cpu_mark = w.idle_cpu_mark, used
+                if mark is not None and used - mark > IDLE_CPU_MS:
+                    entry.idle.remove(w)
+                    self.stats.busy_idle += 1
+                    self._close_later(w)
 
     def reap(self) -> None:
         now = time.monotonic()

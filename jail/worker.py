@@ -380,6 +380,7 @@ class Worker:
         self.load_error: dict[str, Any] | None = None
         self.invocations = 0
         self.last_used = 0.0
+        self.idle_cpu_mark: float | None = None  # WarmPool.watch_idle's last reading
         self._ctl: _Control | None = None
         self._child = 0  # the number of the last child this worker used
         self._stdin: socket.socket | None = None  # the children's stdin (our end)

@@ -143,3 +143,46 @@ async def test_one_tenants_big_worker_does_not_evict_the_others(
         assert pool.stats.started == started + 1  # A's worker only
     finally:
         await pool.aclose()
+
+
+IDLE_BURNER = """
+import os
+
+def _burn():
+    if os.fork() == 0:  # in every forked child: a CPU loop nobody waits for
+        while True:
+            pass
+
+os.register_at_fork(after_in_child=_burn)
+
+def handler(request, ctx):
+    return 'quick'
+"""
+
+
+async def test_an_idle_worker_whose_jail_burns_cpu_is_closed(
+    runner: JailRunner, deploy: Deploy
+) -> None:
+    """Tenant code can run in a warm jail with no call in flight: an at-fork hook
+    runs in each pre-forked child. Its CPU loops ran until the next call or the
+    idle timeout (120 s), unseen by timeouts, concurrency caps and the penalty
+    box. An idle worker that uses CPU is now closed within a few seconds; a
+    quiet one stays."""
+    pool = WarmPool(runner.config, max_idle_per_key=1, idle_s=60)
+    pool.start()
+    try:
+        lim = Limits(timeout_s=5, memory_mb=64)
+        burner = runner.spec(deploy(IDLE_BURNER), "handler:handler", lim)
+        quiet = runner.spec(deploy(QUICK + "# quiet\n"), "handler:handler", lim)
+        for key, spec in (("t/burn@1:a", burner), ("t/quiet@1:a", quiet)):
+            r = await pool.run(key, spec, Invocation("i-" + key, "f", 1, "t"))
+            assert r.body == b"quick", describe(r)
+        for _ in range(80):  # up to 8 s: looked at once a second, closed at the third look
+            if pool.stats.busy_idle:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.stats.busy_idle == 1
+        idle = {k: len(e.idle) for k, e in pool._keys.items() if e.idle}
+        assert idle == {"t/quiet@1:a": 1}, idle
+    finally:
+        await pool.aclose()
