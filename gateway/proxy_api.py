@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,11 @@ MAX_LIST = 1000
 MAX_FETCH_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
 CREDENTIALS = ("authorization", "cookie", "proxy-authorization")
+# What h11 will write: a token for a name; for a value, visible ASCII, spaces
+# and tabs. httpx encodes str values as ASCII, so anything else failed only
+# at send time, as egress_failed, or (str() of null) went out as "None".
+HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 BYTES_MARK = b"\x00b"  # values stored as raw bytes; anything else is JSON text
 
 
@@ -69,6 +75,40 @@ def encode_value(value: bytes, *, is_json: bool) -> bytes:
             raise ProxyCallError("invalid_value", f"value is not strict JSON: {why}")
         return value
     return BYTES_MARK + value
+
+
+def is_json_type(ctype: str) -> bool:
+    """``application/json`` or a ``+json`` subtype, in any case, parameters
+    ignored; not ``application/jsonp`` or ``application/json-seq``."""
+    kind, slash, sub = ctype.partition(";")[0].strip().lower().partition("/")
+    if not kind or not slash:
+        return False
+    return (kind == "application" and sub == "json") or (
+        len(sub) > len("+json") and sub.endswith("+json")
+    )
+
+
+def check_headers(headers: dict[str, Any]) -> dict[str, str]:
+    clean: dict[str, str] = {}
+    for name, value in headers.items():
+        if not HEADER_NAME.fullmatch(name):
+            raise ProxyCallError("bad_request", f"invalid header name {name[:64]!r}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # {"X-Count": 3}: what it always meant
+        if not isinstance(value, str):
+            raise ProxyCallError(
+                "bad_request",
+                f"header {name[:64]!r}: a value is a string, not {type(value).__name__}",
+            )
+        if not HEADER_VALUE.fullmatch(value):
+            raise ProxyCallError(
+                "bad_request",
+                f"header {name[:64]!r}: a value is ASCII text without control characters",
+            )
+        if name.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
+            # h11 refuses a value with outer whitespace; HTTP ignores it.
+            clean[name] = value.strip(" \t")
+    return clean
 
 
 def decode_value(stored: bytes) -> tuple[bytes, bool]:
@@ -150,7 +190,10 @@ class ProxyService:
                     raise ProxyCallError(
                         "kv_value_too_large", f"values are at most {MAX_VALUE_BYTES} bytes"
                     )
-                value = encode_value(body, is_json=bool(params.get("json")))
+                is_json = params.get("json", False)
+                if not isinstance(is_json, bool):  # "false" is truthy
+                    raise ProxyCallError("bad_request", "json must be true or false")
+                value = encode_value(body, is_json=is_json)
                 await store.kv_put(
                     ctx.tenant, key, value, max_bytes=s.kv_max_bytes, max_keys=s.kv_max_keys
                 )
@@ -254,11 +297,7 @@ class ProxyService:
             raise ProxyCallError("bad_request", "timeout must be a positive number")
         remaining = max(0.1, ctx.deadline - time.monotonic()) if ctx.deadline else 10.0
         timeout = min(float(min(timeout, 30)), remaining)
-        clean = {
-            str(k): str(v)
-            for k, v in headers.items()
-            if str(k).lower() not in ("host", "content-length", "transfer-encoding", "connection")
-        }
+        clean = check_headers(headers)
         target = _parse_url(url)
 
         async def fetch() -> tuple[dict[str, Any], bytes]:
@@ -360,6 +399,6 @@ class ProxyService:
         ctype = dict((k.lower(), v) for k, v in result.headers).get("content-type", "")
         return {
             "status": result.status,
-            "json": ctype.startswith("application/json"),
+            "json": is_json_type(ctype),
             "invocation_id": inv_id,
         }, result.body

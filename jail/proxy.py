@@ -281,14 +281,17 @@ class HostProxy:
                 return
             while True:
                 try:
-                    prefix = await asyncio.wait_for(
-                        reader.readexactly(_frames.PREFIX.size), IDLE_TIMEOUT_S
-                    )
-                    hlen, blen = _frames.PREFIX.unpack(prefix)
-                    if hlen > MAX_HEADER or blen > MAX_BODY:
-                        await self._reply(writer, 0, error=("frame_too_large", "frame over cap"))
-                        return
+                    # The frame starts with its first byte, not with a whole
+                    # prefix: 3 bytes and silence held the connection 60 s.
+                    first = await asyncio.wait_for(reader.readexactly(1), IDLE_TIMEOUT_S)
                     async with asyncio.timeout(FRAME_TIMEOUT_S):
+                        prefix = first + await reader.readexactly(_frames.PREFIX.size - 1)
+                        hlen, blen = _frames.PREFIX.unpack(prefix)
+                        if hlen > MAX_HEADER or blen > MAX_BODY:
+                            await self._reply(
+                                writer, 0, error=("frame_too_large", "frame over cap")
+                            )
+                            return
                         raw = await reader.readexactly(hlen)
                         body = await reader.readexactly(blen) if blen else b""
                     header = _frames.decode_header(raw)
