@@ -470,7 +470,7 @@ FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
 
 
 def _remember_tmp(path: str = "/tmp") -> None:
-    global _tmp_fresh
+    global _tmp_fresh, _tmp_free
     if os.getpid() != 1:
         return
     st = os.stat(path)
@@ -481,6 +481,20 @@ def _remember_tmp(path: str = "/tmp") -> None:
     finally:
         os.close(fd)
     _tmp_fresh = (st.st_mode & 0o7777, st.st_atime_ns, st.st_mtime_ns, flags, xattrs)
+    _tmp_free = _free_space(path)
+
+
+_tmp_free: tuple[int, int] | None = None  # /tmp's free blocks and inodes when fresh
+# An unlinked /tmp file can outlive every process of an invocation: its fd
+# sent (SCM_RIGHTS) into a Unix socket's own queue stays in flight, a
+# reference cycle, until the kernel's garbage collection of such sockets runs,
+# 0.1-1 s later. Its space is then not the next invocation's.
+_TMP_SETTLE_S = 0.2
+
+
+def _free_space(path: str) -> tuple[int, int]:
+    st = os.statvfs(path)
+    return st.f_bfree, st.f_ffree
 
 
 def _inode_flags(fd: int, new: int | None = None) -> int:
@@ -542,6 +556,12 @@ def _wipe_tmp(path: str = "/tmp") -> bool:
         _reset_tmp(path)
         if os.listdir(path) and not _empty_tmp(path):
             return False
+        if _tmp_free is not None and _free_space(path) != _tmp_free:
+            deadline = time.monotonic() + _TMP_SETTLE_S
+            while _free_space(path) != _tmp_free:
+                if time.monotonic() > deadline:
+                    return False  # held elsewhere: the next invocation would not get it
+                time.sleep(0.01)
         # Last: listing /tmp (or emptying it) moved its times.
         os.utime(path, ns=(_tmp_fresh[1], _tmp_fresh[2]))
         return True

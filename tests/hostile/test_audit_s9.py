@@ -7,6 +7,7 @@ import errno
 
 import pytest
 
+from jail.errors import WorkerGone
 from tests.jailtest import Jail, body_json, describe
 
 # ---- 1. no host path in any .pyc a function can read ------------------------------
@@ -178,4 +179,48 @@ async def test_a_child_that_runs_on_after_its_answer_is_not_the_next_calls_limit
         r = await fn(b"raise")
         assert r.outcome == "error" and r.error_type == "ValueError", describe(r)
         assert r.limit_name is None, describe(r)
+    await fn.assert_recovers()
+
+
+# ---- 5. /tmp space held past the invocation ------------------------------------------
+
+TMP_GHOST = r"""
+import os, socket
+
+def handler(request, ctx):
+    free = os.statvfs("/tmp")
+    out = {"free": [free.f_bfree, free.f_ffree]}
+    if request.body == b"hold":
+        fds = []
+        for i in range(2):
+            fd = os.open(f"/tmp/big{i}", os.O_CREAT | os.O_RDWR, 0o600)
+            os.write(fd, b"S" * (6 << 20))
+            os.unlink(f"/tmp/big{i}")
+            fds.append(fd)
+        # The files' fds, and the pair's own, in flight in the pair's queue:
+        # a cycle only the kernel's socket garbage collection frees, later.
+        a, b = socket.socketpair()
+        socket.send_fds(a, [b"x"], fds + [a.fileno(), b.fileno()])
+        for fd in fds:
+            os.close(fd)
+        a.close()
+        b.close()
+    return out
+"""
+
+
+async def test_tmp_space_held_in_flight_does_not_reach_the_next_call(jail: Jail) -> None:
+    """Unlinked /tmp files whose fds sat in a Unix socket's own queue outlived
+    the invocation (until the kernel's collection of such cycles, 0.1-1 s):
+    the next call on the worker found an "empty" /tmp it could write 4 KiB to.
+    The zygote now waits for /tmp's free space to come back, or retires."""
+    fn = jail.function(TMP_GHOST, "warm")
+    fresh = body_json(await fn())["free"]
+    for _ in range(3):
+        await fn(b"hold")
+        try:
+            r = await fn()
+        except WorkerGone:  # it retired; the pool gives the call to a new worker
+            r = await fn()
+        assert body_json(r)["free"] == fresh
     await fn.assert_recovers()
