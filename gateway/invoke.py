@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from jail.pool import WarmPool
 
 from .config import Settings
 from .errors import error_response
-from .logbus import LogBudget, line_size
+from .logbus import LogBudget
 from .metrics import Metrics
 from .scheduler import ClientGone, Rejected, Scheduler
 from .store import FunctionVersion, InvocationRecord, NewLogLine, NotFound, Store
@@ -430,6 +431,11 @@ class Invoker:
                     env=dict(fv.config.env),
                     egress_allow=fv.config.egress_allow,
                     depth=call.depth,
+                    log_gate=(
+                        functools.partial(self.log_budget.allow, fv.tenant_id)
+                        if self.log_budget is not None
+                        else None
+                    ),
                 )
                 if self.pool is not None:
                     key = self.pool_key(fv, throttled=throttled)
@@ -461,23 +467,22 @@ class Invoker:
             for e in result.logs
         ]
         truncated = result.logs_truncated
-        if lines and self.log_budget is not None:
-            kept = self.log_budget.take(record.tenant_id, [line_size(x) for x in lines])
-            if kept < len(lines):
-                dropped = len(lines) - kept
-                del lines[kept:]
-                s = self.settings
-                lines.append(
-                    _notice(
-                        record,
-                        f"[nsfaas] {dropped} log lines dropped: this tenant's functions "
-                        f"logged more than {s.log_rate_bytes} bytes per second "
-                        f"(bursts up to {s.log_burst_bytes})",
-                        dropped=dropped,
-                    )
+        if result.logs_dropped:
+            # The tenant's log budget refused them as they came (Invocation.log_gate),
+            # before they were decoded.
+            dropped = result.logs_dropped
+            s = self.settings
+            lines.append(
+                _notice(
+                    record,
+                    f"[nsfaas] {dropped} log lines dropped: this tenant's functions "
+                    f"logged more than {s.log_rate_bytes} bytes per second "
+                    f"(bursts up to {s.log_burst_bytes})",
+                    dropped=dropped,
                 )
-                self.metrics.log_lines_dropped.inc(dropped)
-                truncated = True
+            )
+            self.metrics.log_lines_dropped.inc(dropped)
+            truncated = True
         if throttled:
             s = self.settings
             lines.insert(

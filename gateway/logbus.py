@@ -134,6 +134,11 @@ class LogBudget:
         self.burst = max(burst, rate)
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant: (tokens, when)
 
+    def allow(self, tenant: str, size: int) -> bool:
+        """Whether one line of ``size`` bytes (its text as the function wrote
+        it) fits; if so its bytes, plus LINE_OVERHEAD, are taken."""
+        return self.take(tenant, [size + LINE_OVERHEAD]) == 1
+
     def take(self, tenant: str, sizes: list[int]) -> int:
         """How many of these lines (in order) fit; their bytes are taken."""
         if self.rate <= 0:

@@ -89,6 +89,7 @@ class JailResult:
     body: bytes = b""
     logs: tuple[LogEntry, ...] = ()
     logs_truncated: bool = False
+    logs_dropped: int = 0  # lines the tenant's log budget refused (Invocation.log_gate)
     wall_ms: float = 0.0
     cpu_ms: float | None = None
     peak_memory_mb: float | None = None

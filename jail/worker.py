@@ -17,6 +17,7 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -75,6 +76,8 @@ class Invocation:
     env: dict[str, str] = field(default_factory=dict)
     egress_allow: tuple[str, ...] = ()
     depth: int = 0  # nesting of ctx.invoke calls
+    # The tenant's log budget (see _Collector): may a line of n bytes be kept?
+    log_gate: Callable[[int], bool] | None = field(default=None, repr=False, compare=False)
 
     def frame_header(self, spec: JailSpec) -> dict[str, Any]:
         return {
@@ -99,14 +102,22 @@ class Invocation:
 
 
 class _Collector:
-    """Log lines of one invocation, capped by bytes and lines."""
+    """Log lines of one invocation, capped by bytes and lines. ``gate`` (the
+    tenant's log budget) says whether a line of this many bytes may be
+    stored: a line it refuses is counted and dropped before it is decoded
+    (a JSON line is parsed on the event loop, and a flood of them cost every
+    tenant's calls, however many the budget then dropped)."""
 
-    def __init__(self, max_bytes: int, max_lines: int) -> None:
+    def __init__(
+        self, max_bytes: int, max_lines: int, gate: Callable[[int], bool] | None = None
+    ) -> None:
         self.lines: list[LogEntry] = []
         self.bytes = 0
         self.max_bytes = max_bytes
         self.max_lines = max_lines
         self.truncated = False
+        self.gate = gate
+        self.gated = 0  # lines the gate refused
 
     def add(self, stream: str, line: str, ts: float | None = None) -> bool:
         """Keep the line if under the caps; False once over them."""
@@ -116,6 +127,9 @@ class _Collector:
         if self.bytes > self.max_bytes or len(self.lines) >= self.max_lines:
             self.truncated = True
             return False
+        if self.gate is not None and not self.gate(len(line)):
+            self.gated += 1
+            return True
         self.lines.append(log_entry(stream, line, ts))
         return True
 
@@ -588,7 +602,7 @@ class Worker:
         t0 = time.monotonic()
         budget = lim.timeout_s if deadline is None else max(0.0, deadline - t0)
         end = Ending(limits=lim)
-        logs = _Collector(lim.log_bytes, lim.log_lines)
+        logs = _Collector(lim.log_bytes, lim.log_lines, inv.log_gate)
         for entry in self._own.lines:
             logs.add(entry.stream, entry.message)
         self._own = _Collector(lim.log_bytes, lim.log_lines)
@@ -701,6 +715,7 @@ class Worker:
         return JailResult(
             logs=tuple(logs.lines),
             logs_truncated=logs.truncated or fields.get("limit_name") == "output",
+            logs_dropped=logs.gated,
             wall_ms=(time.monotonic() - t0) * 1000.0,
             cpu_ms=cpu,
             peak_memory_mb=round(rss / 1024.0, 2) if rss is not None else None,

@@ -224,3 +224,39 @@ async def test_tmp_space_held_in_flight_does_not_reach_the_next_call(jail: Jail)
             r = await fn()
         assert body_json(r)["free"] == fresh
     await fn.assert_recovers()
+
+
+# ---- 6. log lines past the tenant's budget are dropped before they are decoded ---------
+
+JSON_LINES = r"""
+import json
+
+def handler(request, ctx):
+    line = json.dumps({"level": "info", "message": "m", "y": [[] for _ in range(200)]})
+    for _ in range(300):
+        print(line)
+    ctx.log.info("structured", n=1)
+    return "done"
+"""
+
+
+async def test_the_log_gate_sees_every_line_before_it_is_decoded(jail: Jail, mode: str) -> None:
+    """JSON lines (stdout's that start with "{", every ctx.log line) were
+    decoded on the event loop as they arrived, and only then counted against
+    the tenant's log budget: a tenant over its budget still made the gateway
+    parse up to 1 MiB per call. Now the budget is asked first (the
+    invocation's log_gate), with each line's size as written."""
+    seen: list[int] = []
+
+    def gate(size: int) -> bool:
+        seen.append(size)
+        return len(seen) <= 10
+
+    fn = jail.function(JSON_LINES, mode)
+    r = await fn(log_gate=gate)
+    assert r.outcome == "ok" and r.body == b"done", describe(r)
+    assert len(seen) == 301, len(seen)  # every line asked once: 300 printed, 1 ctx.log
+    assert len([e for e in r.logs if e.stream == "stdout"]) == 10
+    assert r.logs[0].fields.get("y") == [[] for _ in range(200)]  # kept ones decoded
+    assert r.logs_dropped == 291
+    await fn.assert_recovers()
