@@ -142,7 +142,8 @@ def _config(gw: Gateway, opts: dict[str, Any]) -> FunctionConfig:
             raise ApiError(
                 400, "invalid_env", "env names match [A-Za-z_][A-Za-z0-9_]*, values are strings"
             )
-        size += len(k) + len(v)
+        # Bytes, as the cap says and as the jail gets them: a character can be four.
+        size += len(k.encode()) + len(v.encode("utf-8", "surrogatepass"))
     if size > MAX_ENV_BYTES:
         raise ApiError(400, "invalid_env", f"env exceeds {MAX_ENV_BYTES} bytes")
     public = opts.get("public", False)
@@ -420,13 +421,9 @@ async def list_versions(gw: Gateway, request: Request) -> Response:
 
 async def rollback(gw: Gateway, request: Request) -> Response:
     tenant, name = await _own(gw, request)
-    data = (
-        parse_json_object(
-            await read_small_body(gw, request), ROLLBACK_KEYS
-        )
-        if request.headers.get("content-length") not in (None, "0")
-        else {}
-    )
+    # Whatever the framing: a chunked body has no Content-Length, and was ignored.
+    body = await read_small_body(gw, request)
+    data = parse_json_object(body, ROLLBACK_KEYS) if body else {}
     version = data.get("version")
     in_query = query_int(
         request.query_params, "version", low=1, high=2**31 - 1, code="invalid_version"

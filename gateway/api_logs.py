@@ -35,6 +35,7 @@ MAX_LIMIT = 1000
 # A record's outcome: one of the jail's, or "running" until it ends.
 RECORD_OUTCOMES = ("running", *OUTCOMES)
 FOLLOW_POLL_S = 15.0  # keep-alive comment interval; also the re-check interval
+TAIL_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def parse_time(params: QueryParams, name: str) -> float | None:
@@ -202,11 +203,20 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
             raise ApiError(
                 429, "too_many_tails", f"{exc}: close one first", headers={"Retry-After": "5"}
             ) from None
+        if request.method == "HEAD":
+            # uvicorn sends no body for a HEAD but keeps the response open
+            # until the stream ends, which a tail never does: each HEAD held a
+            # slot (16 locked the tenant out) and hung its connection. The
+            # slot was taken only to answer 429 as the GET would; it goes now.
+            slot.clear()
+            return StreamingResponse(
+                _nothing(), media_type="text/event-stream", headers=TAIL_HEADERS
+            )
         return _TailResponse(
             _follow(gw, request, tenant, name, level, text),
             slot,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers=TAIL_HEADERS,
         )
     since, until = parse_time(q, "since"), parse_time(q, "until")
     limit = parse_limit(q)
@@ -283,6 +293,11 @@ class _TailResponse(StreamingResponse):
             pass
         finally:
             self._slot.clear()
+
+
+async def _nothing() -> AsyncIterator[str]:
+    return
+    yield  # an async generator, of no chunks
 
 
 async def _follow(

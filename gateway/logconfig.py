@@ -79,3 +79,9 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+    # httpx logs every request at INFO with its full URL: a function's egress
+    # (ctx.http.fetch) put its user:password@ and ?api_key=... in the
+    # operator's log, 60 KB a line if the URL was that long. Their warnings
+    # and errors still come through.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
