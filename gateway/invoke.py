@@ -67,6 +67,10 @@ def new_invocation_id() -> str:
     return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
 
 
+def _strike_key(tenant_id: str, name: str, version: int) -> str:
+    return f"{tenant_id}/{name}@{version}"
+
+
 def code_key(tenant_id: str, digest: str) -> str:
     """The name of a tenant's unpacked copy of some code (jail dir/code/<key>)."""
     return f"{digest}.{tenant_id}"
@@ -138,15 +142,19 @@ class Invoker:
         return len(self._stopped)
 
     def throttled(self, fv: FunctionVersion) -> bool:
-        """Whether this function is in the penalty box (see Settings.penalty_*)."""
+        """Whether this function version is in the penalty box (see Settings.penalty_*)."""
         s = self.settings
-        count, last = self._strikes.get(f"{fv.tenant_id}/{fv.name}", (0, 0.0))
+        count, last = self._strikes.get(_strike_key(fv.tenant_id, fv.name, fv.version), (0, 0.0))
         if s.penalty_strikes <= 0 or count < s.penalty_strikes:
             return False
         return time.monotonic() - last < s.penalty_s
 
-    def _strike(self, record: InvocationRecord, result: JailResult) -> None:
-        key = f"{record.tenant_id}/{record.function}"
+    def _strike(self, record: InvocationRecord, result: JailResult, throttled: bool) -> None:
+        """Count a limit outcome, or clear the count. Per version: a new version
+        (the fix) starts clean. And a call that ran in the box neither counts
+        nor extends it: on a tenth of the CPU a healthy call can time out, and
+        counting that kept the box closed for as long as calls came."""
+        key = _strike_key(record.tenant_id, record.function, record.version)
         if result.outcome in ("rejected", "jail_failure") or result.error_type in _NOT_RUN_BY_IT:
             return  # says nothing about the function's own behaviour
         # Limits only: a function that kills itself (a bug, SIGSEGV, its own
@@ -154,6 +162,8 @@ class Invoker:
         if result.outcome in ("timeout", "oom", "output_limit") or (
             result.outcome == "killed" and result.limit_name is not None
         ):
+            if throttled:
+                return  # the box ends penalty_s after it began, or at a call that is fine
             count, last = self._strikes.get(key, (0, 0.0))
             if time.monotonic() - last >= self.settings.penalty_s:
                 count = 0  # the earlier run of limits is old news
@@ -383,7 +393,7 @@ class Invoker:
             # Ended by stop_all: answered and recorded like any other outcome.
             result = _gateway_stopped()
         report = await self._record(record, result, t0, inserted, throttled)
-        self._strike(record, result)
+        self._strike(record, result, throttled)
         return result, inv_id, report
 
     async def _run(

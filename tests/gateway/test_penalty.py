@@ -109,3 +109,42 @@ async def test_a_function_that_kills_itself_is_not_throttled(api: Api) -> None:
     ).json()
     assert (r.status_code, r.text) == (200, "calm")
     assert not any(line["fields"].get("throttled") for line in rec["logs"]), rec["logs"]
+
+
+def _throttled(rec: dict[str, Any]) -> bool:
+    return any(line["fields"].get("throttled") for line in rec["logs"])
+
+
+@pytest.mark.parametrize(
+    "api", [{"penalty_strikes": 2, "penalty_s": 2.0, "penalty_cpu_ms_per_sec": 100}],
+    indirect=True,
+)
+async def test_the_box_ends_on_time_and_a_new_version_starts_clean(api: Api) -> None:
+    """Calls in the box that time out (a healthy but CPU-hungry call can, on a
+    tenth of the CPU) counted as strikes and restarted the box's clock: under
+    steady traffic it never opened again, and a fixed version, keyed by the
+    function's name, inherited it. Now the box lasts penalty_s from its start,
+    and strikes are per version."""
+    import asyncio
+    import time
+
+    await api.deploy("spinner", SPIN, public=True, timeout_s=0.5)
+    for _ in range(2):
+        status, rec = await _call(api, "spin")
+        assert (status, rec["outcome"], _throttled(rec)) == (504, "timeout", False), rec
+    boxed = time.monotonic()
+    status, rec = await _call(api, "spin")  # in the box: a timeout that does not count
+    assert (status, rec["outcome"], _throttled(rec)) == (504, "timeout", True), rec
+    while time.monotonic() - boxed < 2.3:  # calls keep coming while the box lasts
+        status, rec = await _call(api, "spin")
+        assert status == 504
+        await asyncio.sleep(0.1)
+    status, rec = await _call(api, "spin")  # 2 s after it began: out of the box
+    assert (status, _throttled(rec)) == (504, False), rec
+
+    status, rec = await _call(api, "spin")  # the second strike of a new run: boxed again
+    status, rec = await _call(api, "spin")
+    assert _throttled(rec), rec
+    await api.deploy("spinner", SPIN + "# fixed\n", public=True, timeout_s=0.5)
+    status, rec = await _call(api, "calm")
+    assert (status, rec["version"], _throttled(rec)) == (200, 2, False), rec
