@@ -303,6 +303,9 @@ def _route_logging(ctx: Any) -> None:
     root = logging.getLogger()
     root.handlers[:] = [CtxHandler()]
     root.setLevel(logging.DEBUG)
+    # asyncio's "Using selector: EpollSelector", once per async call, is the
+    # runtime's doing, not the function's: a line in every record otherwise.
+    logging.getLogger("asyncio").setLevel(logging.INFO)
 
 
 class Child:
@@ -641,6 +644,13 @@ def main(argv: list[str]) -> int:
     entrypoint = argv[2]
     once = argv[3] == "once"
     max_body = int(argv[4])
+    # The function's view, the same warm and cold: no runtime internals (a
+    # library that parses sys.argv at import would take them for options).
+    sys.argv[:] = [""]
+    # A pipe makes stdout block-buffered: what a call printed before a timeout,
+    # an OOM or os._exit was lost with the buffer, and the rest came late,
+    # after later ctx.log lines. Line by line, as a terminal would have it.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     if not once:
         try:
             _remember_tmp()  # before the import can change it

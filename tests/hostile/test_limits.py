@@ -265,9 +265,15 @@ async def test_an_import_time_thread_flooding_the_channels_retires_the_worker(
     (inherited there), the gateway stops reading them past a cap and retires the
     worker instead of reading forever."""
     src = """
-import os, sys, threading, time
+import os, stat, threading, time
 
-CTL = int(sys.argv[1])
+def _is_socket(fd):
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+CTL = next(fd for fd in range(3, 64) if _is_socket(fd))  # the runtime's control socket
 
 def flood(fd):
     time.sleep(0.5)  # after the channels arrived
