@@ -299,7 +299,7 @@ class SlotPool:
             fds = self._counter_fds[name] = (oom, pids)
         return {"oom_kill": _pread_key(fds[0], "oom_kill"), "pids_max": _pread_key(fds[1], "max")}
 
-    def cpu_ms(self, name: str) -> float | None:
+    def cpu_ms(self, name: str, pids: list[int] | None = None) -> float | None:
         """CPU time used in the slot, in ms, to compare two readings (v2: the
         cgroup's own usage; v1, whose slots have no cpuacct: the sum over its
         processes in /proc, all threads and reaped children included). None if
@@ -315,7 +315,7 @@ class SlotPool:
                     return int(value) / 1000.0
             return None
         total = 0
-        for pid in self.pids_in(name):
+        for pid in self.pids_in(name) if pids is None else pids:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(f"/proc/{pid}/stat", "rb") as f:
                     fields = f.read().rsplit(b")", 1)[1].split()

@@ -338,8 +338,13 @@ class WarmPool:
         runtime it made at import) with no call in flight: no timeout, no
         concurrency cap and no penalty box saw 8 CPU burners per idle worker
         (load average 23, other tenants' calls 2-4x slower). Past
-        IDLE_CPU_MS of CPU between two looks (IDLE_WATCH_S apart) the
-        worker is closed, and whatever it started with it."""
+        IDLE_CPU_MS of CPU between two looks (IDLE_WATCH_S apart), or with a
+        process in its slot that was not there at the last look, the worker is
+        closed, and whatever it started with it. (On cgroup v1 the CPU is
+        summed over the slot's processes in /proc, where a child reaped by a
+        parent that ignores SIGCHLD leaves no trace: a manager forking short
+        burners, 355 ms of CPU a second, went unseen until new processes
+        counted too. An idle jail starts none.)"""
         slots = self.config.slots
         for entry in self._keys.values():
             for w in list(entry.idle):
@@ -350,11 +355,12 @@ class WarmPool:
                     # lands on the zygote), nor the next child's dry run done.
                     w.idle_cpu_mark = None
                     continue
-                used = slots.cpu_ms(w.slot)
+                pids = slots.pids_in(w.slot)
+                used = slots.cpu_ms(w.slot, pids)
                 if used is None:
                     continue
-                mark, w.idle_cpu_mark = w.idle_cpu_mark, used
-                if mark is not None and used - mark > IDLE_CPU_MS:
+                mark, w.idle_cpu_mark = w.idle_cpu_mark, (used, frozenset(pids))
+                if mark is not None and (used - mark[0] > IDLE_CPU_MS or not mark[1] >= set(pids)):
                     entry.idle.remove(w)
                     self.stats.busy_idle += 1
                     self._close_later(w)

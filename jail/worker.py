@@ -394,7 +394,8 @@ class Worker:
         self.load_error: dict[str, Any] | None = None
         self.invocations = 0
         self.last_used = 0.0
-        self.idle_cpu_mark: float | None = None  # WarmPool.watch_idle's last reading
+        # WarmPool.watch_idle's last reading: CPU ms and the processes of the slot
+        self.idle_cpu_mark: tuple[float, frozenset[int]] | None = None
         self._ctl: _Control | None = None
         self._child = 0  # the number of the last child this worker used
         self._stdin: socket.socket | None = None  # the children's stdin (our end)

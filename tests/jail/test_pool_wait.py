@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from jail import Invocation, JailRunner, Limits
 from jail.pool import WarmPool
 from tests.jailtest import Deploy, describe
@@ -160,8 +162,30 @@ def handler(request, ctx):
 """
 
 
+IDLE_CHURN = """
+import os, signal, time
+
+def _manage():
+    if os.fork() == 0:  # a manager whose children the kernel reaps: no CPU in any total
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        while True:
+            if os.fork() == 0:
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 0.02:
+                    pass
+                os._exit(0)
+            time.sleep(0.03)
+
+os.register_at_fork(after_in_child=_manage)
+
+def handler(request, ctx):
+    return 'quick'
+"""
+
+
+@pytest.mark.parametrize("source", [IDLE_BURNER, IDLE_CHURN], ids=["loop", "churn"])
 async def test_an_idle_worker_whose_jail_burns_cpu_is_closed(
-    runner: JailRunner, deploy: Deploy
+    runner: JailRunner, deploy: Deploy, source: str
 ) -> None:
     """Tenant code can run in a warm jail with no call in flight: an at-fork hook
     runs in each pre-forked child. Its CPU loops ran until the next call or the
@@ -172,7 +196,7 @@ async def test_an_idle_worker_whose_jail_burns_cpu_is_closed(
     pool.start()
     try:
         lim = Limits(timeout_s=5, memory_mb=64)
-        burner = runner.spec(deploy(IDLE_BURNER), "handler:handler", lim)
+        burner = runner.spec(deploy(source), "handler:handler", lim)
         quiet = runner.spec(deploy(QUICK + "# quiet\n"), "handler:handler", lim)
         for key, spec in (("t/burn@1:a", burner), ("t/quiet@1:a", quiet)):
             r = await pool.run(key, spec, Invocation("i-" + key, "f", 1, "t"))
