@@ -26,7 +26,7 @@ from jail.pool import WarmPool
 
 from . import api_functions as fns
 from . import api_kv, api_logs, openapi
-from .checker import CodeChecker
+from .checker import CheckerPool
 from .config import Settings, load_admin_key
 from .deploy import deploy_examples
 from .errors import (
@@ -49,6 +49,7 @@ from .store import FunctionVersion, NotFound, Store, Tenant, open_store
 log = structlog.get_logger("nsfaas.gateway")
 RESERVED = ("/api/", "/fn/", "/healthz", "/metrics")
 RETENTION_BATCH = 1000  # log lines deleted per store write
+CHECKERS = 2  # upload checker processes (gateway.checker.CheckerPool)
 
 
 class Gateway:
@@ -72,14 +73,15 @@ class Gateway:
         self.store: Store = open_store(settings.data_dir)
         self.bodies = ByteBudget(settings.max_buffered_bytes)
         # Checking an upload parses its code (16 MB of source: 10 s of CPU), in
-        # one checker process: one at a time, so concurrent uploads queue
-        # instead of all taking CPU from the calls, and each tenant's in turn
-        # (a per-tenant lock first), so one tenant's burst queues behind
-        # itself, not in front of everyone.
-        self.checker = CodeChecker(
-            timeout_s=settings.upload_check_timeout_s, memory_mb=settings.upload_check_memory_mb
+        # checker processes (CHECKERS of them): concurrent uploads queue
+        # instead of all taking CPU from the calls, and each tenant's one at a
+        # time (a per-tenant lock first), so one tenant's burst queues behind
+        # itself, and holds at most one checker.
+        self.checker = CheckerPool(
+            CHECKERS,
+            timeout_s=settings.upload_check_timeout_s,
+            memory_mb=settings.upload_check_memory_mb,
         )
-        self.validations = asyncio.Semaphore(1)
         self.tenant_uploads: dict[str, tuple[asyncio.Lock, int]] = {}
         self.searching: dict[str, int] = {}  # log searches with q running, per tenant
         self.runner: JailRunner | None = None

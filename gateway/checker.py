@@ -34,7 +34,7 @@ from typing import IO, Any, cast
 
 from .upload import UploadError, UploadErrorCode, UploadLimits
 
-__all__ = ["CodeChecker"]
+__all__ = ["CheckerPool", "CodeChecker"]
 
 # Under contention the checker yields to the gateway and the jails: an upload
 # waits a little longer, calls do not.
@@ -71,9 +71,8 @@ def _read(src: IO[bytes]) -> dict[str, Any]:
 
 
 class CodeChecker:
-    """One checker process, started at the first upload and replaced after a
-    check it could not finish. Checks run one at a time (callers also queue
-    per tenant before they get here: the gateway's ``validations``)."""
+    """One checker process, started at its first check and replaced after a
+    check it could not finish. Its checks run one at a time."""
 
     def __init__(self, *, timeout_s: float, memory_mb: int) -> None:
         self.timeout_s = timeout_s
@@ -170,6 +169,42 @@ class CodeChecker:
             proc.kill()
         # Reaped by the thread below, not here: this may run on the event loop.
         threading.Thread(target=_reap, args=(proc,), daemon=True).start()
+
+
+class CheckerPool:
+    """A few checkers; a check takes a free one. Callers queue per tenant
+    first (one check of a tenant at a time), so one tenant holding a checker
+    with uploads that take the whole time limit, again and again (an 8.8 MB
+    zip of slow-to-parse f-strings: 60 s each), holds one, not all: another
+    tenant's upload waited 55 s behind a single checker. The most recently
+    used free checker goes first: under light load one process does all."""
+
+    def __init__(self, size: int, *, timeout_s: float, memory_mb: int) -> None:
+        self.checkers = [CodeChecker(timeout_s=timeout_s, memory_mb=memory_mb)
+                         for _ in range(size)]
+        self._free: asyncio.LifoQueue[CodeChecker] | None = None
+
+    @property
+    def pids(self) -> set[int]:
+        return {c.pid for c in self.checkers if c.pid is not None}
+
+    async def check(
+        self, source: bytes | None, archive: bytes | None, entrypoint: str, limits: UploadLimits
+    ) -> tuple[bytes, int]:
+        """``CodeChecker.check`` on a free checker (waiting for one, in turn)."""
+        if self._free is None:  # made on the loop that uses it
+            self._free = asyncio.LifoQueue()
+            for checker in reversed(self.checkers):
+                self._free.put_nowait(checker)
+        checker = await self._free.get()
+        try:
+            return await checker.check(source, archive, entrypoint, limits)
+        finally:
+            self._free.put_nowait(checker)
+
+    def close(self) -> None:
+        for checker in self.checkers:
+            checker.close()
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

@@ -52,9 +52,10 @@ EXIT_GRACE_S = 0.5  # after a whole answer, a child has this long to exit before
 START_EXIT_GRACE_S = 0.5  # for nsjail to exit once the runtime died while loading
 MAX_LINE = 16 * 1024  # longer lines are split: a line is a log record, not a payload
 STRAY_CAP = 1 << 20  # output between two invocations that retires a worker (see _stray)
-# Control frames are small JSON objects without a body (a load error's message
-# is 2,000 characters): each is decoded on the event loop.
-CONTROL_FRAME_CAP = 16 * 1024
+# Control frames are small JSON objects without a body, decoded on the event
+# loop; the largest, a load error, has 2,000 characters of message and 200 of
+# type name, up to 12 bytes each once escaped (an emoji is two \uXXXX).
+CONTROL_FRAME_CAP = 32 * 1024
 # A child's output channels, after its stdin (see _make_channels).
 OUTPUTS = ("stdout", "stderr", "ctx", "result")
 

@@ -126,7 +126,7 @@ def run_child(fn: Handler, max_body: int, n: int) -> None:
                 value = asyncio.run(_await(value))
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are errors too
             _print_exc()
-            frame = {"kind": "error", "error_type": type(exc).__name__, "message": _text(exc)}
+            frame = {"kind": "error", "error_type": type(exc).__name__[:200], "message": _text(exc)}
             _finish(frame, b"")
         else:
             try:
@@ -669,7 +669,11 @@ def main(argv: list[str]) -> int:
         tb = traceback.format_exc()
         sys.stderr.write(tb)
         sys.stderr.flush()
-        err = {"op": "load_error", "error_type": type(exc).__name__, "message": str(exc)[:2000]}
+        err = {
+            "op": "load_error",
+            "error_type": type(exc).__name__[:200],
+            "message": str(exc)[:2000],
+        }
         _frames.write_all(ctl, _frames.encode(err))
         _wait_for_eof(ctl)
         return 1

@@ -264,3 +264,22 @@ async def test_the_log_gate_sees_every_line_before_it_is_decoded(jail: Jail, mod
     assert r.logs[0].fields.get("y") == [[] for _ in range(200)]  # kept ones decoded
     assert r.logs_dropped == 291
     await fn.assert_recovers()
+
+
+# ---- 7. a load error's message of 2,000 emoji is still a load error ---------------------
+
+EMOJI_IMPORT_ERROR = """
+raise ImportError("\\U0001F600" * 3000)
+
+def handler(request, ctx):
+    return "never"
+"""
+
+
+async def test_an_import_error_of_any_text_is_an_error_not_a_jail_failure(jail: Jail) -> None:
+    """2,000 characters of message escape to up to 24 KB of JSON (an emoji is
+    two \\uXXXX): over the 16 KiB control frame cap, the function's own import
+    error was reported as 503 jail_failure."""
+    r = await jail.cold(EMOJI_IMPORT_ERROR)
+    assert (r.outcome, r.error_type) == ("error", "ImportError"), describe(r)
+    assert (r.error_message or "").endswith("\U0001F600" * 10), describe(r)
