@@ -386,10 +386,21 @@ def create_app(settings: Settings) -> Starlette:
             match = gw.routes.match(request.method, path, encoded=False)
         if match is None:
             raise HTTPException(404, f"no route for {request.method} {path}")
-        return await _invoke(request, match.tenant_id, match.name, path, match.path_params)
+        # A GET route answers HEAD with the GET's headers: the function is
+        # asked the GET (one that told HEAD apart, as the todos example's
+        # `method == "GET"` did, answered 404 to a HEAD of its 200).
+        method = "GET" if request.method == "HEAD" and match.method == "GET" else None
+        return await _invoke(
+            request, match.tenant_id, match.name, path, match.path_params, method
+        )
 
     async def _invoke(
-        request: Request, tenant: str, name: str, path: str, params: dict[str, str]
+        request: Request,
+        tenant: str,
+        name: str,
+        path: str,
+        params: dict[str, str],
+        method: str | None = None,
     ) -> Response:
         head = len(request.scope.get("raw_path") or b"") + len(request.scope["query_string"])
         if head + sum(len(k) + len(v) for k, v in request.headers.raw) > settings.max_header_bytes:
@@ -433,7 +444,7 @@ def create_app(settings: Settings) -> Starlette:
         assert gw.invoker is not None
         request.scope[INVOCATION] = True  # its invocation_finished line is its access log
         call = Call(
-            method=request.method,
+            method=method or request.method,
             path=path,
             # From the scope: request.url parses the whole URL for this one part.
             query_string=request.scope["query_string"].decode("utf-8", "replace"),

@@ -16,6 +16,7 @@ class Match:
     tenant_id: str
     name: str
     path_params: dict[str, str]
+    method: str = "ANY"  # the route's declared method
 
 
 # A route's identity: (method, path, tenant id, function name). A tuple of
@@ -257,14 +258,16 @@ class RouteTable:
             # by one, whichever of the two is the more specific serves.
             other = _first_match(self._odd, method, raw, decoded, encoded)
             if other is not None and (found is None or other[0].order < found.order):
-                return Match(other[0].entry.tenant_id, other[0].entry.name, other[1])
+                return Match(
+                    other[0].entry.tenant_id, other[0].entry.name, other[1], other[0].method
+                )
         if found is None:
             return None
         params = {name: decoded[i] for i, name in found.params}
         if found.tail is not None:
             rest = "/".join(raw[len(found.segments) :])
             params[found.tail] = _decode(rest) if encoded else rest
-        return Match(found.entry.tenant_id, found.entry.name, params)
+        return Match(found.entry.tenant_id, found.entry.name, params, found.method)
 
 
 def _search(root: _Node, method: str, segments: list[str]) -> _Compiled | None:
@@ -290,13 +293,14 @@ def _search(root: _Node, method: str, segments: list[str]) -> _Compiled | None:
                 node = param
                 continue
         else:
-            for c in node.end if depth == n else node.tail:
-                if (
-                    c.method == method
-                    or c.method == "ANY"
-                    or (c.method == "GET" and method == "HEAD")
-                ):
+            found = node.end if depth == n else node.tail
+            for c in found:
+                if c.method == method or c.method == "ANY":
                     return c
+            if method == "HEAD":  # a GET route answers HEAD, unless one takes HEAD itself
+                for c in found:
+                    if c.method == "GET":
+                        return c
         if not stack:
             return None
         node, depth = stack.pop()

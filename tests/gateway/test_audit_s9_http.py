@@ -212,3 +212,27 @@ async def test_the_env_cap_counts_bytes(api: Api) -> None:
         headers=api.auth(),
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_env", r.text[:300]
+
+
+BY_METHOD = """
+def handler(request, ctx):
+    if request.method == "GET":
+        return {"items": [1, 2, 3]}, 200, {"X-Kind": "list"}
+    return {"error": "no such method"}, 404
+"""
+
+
+async def test_a_get_route_answers_head_with_the_gets_headers(api: Api) -> None:
+    """The function was asked HEAD: one that tells methods apart (the todos
+    example did) answered 404 to the HEAD of its 200. A GET route's HEAD is
+    the GET, without its body; an explicit HEAD route still sees HEAD."""
+    await api.deploy("bymethod", BY_METHOD, public=True,
+                     routes=["GET /shelf", "HEAD /probe", "GET /probe"])
+    get = await api.client.get("/shelf")
+    head = await api.client.head("/shelf")
+    assert (get.status_code, head.status_code) == (200, 200), (get.text, head.text)
+    assert head.content == b""
+    assert head.headers["x-kind"] == "list"
+    assert head.headers["content-length"] == get.headers["content-length"]
+    probe = await api.client.head("/probe")  # declared HEAD: the function sees HEAD
+    assert probe.status_code == 404

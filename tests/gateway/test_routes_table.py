@@ -53,8 +53,21 @@ class _Reference:
 
         raw = path[1:].split("/")
         decoded = [dec(s) for s in raw]
+        found = self._first(method, raw, decoded, dec)
+        if found is not None and method == "HEAD" and found[0].method == "GET":
+            # A route of the same shape that takes HEAD (or ANY) itself wins.
+            own = self._first(method, raw, decoded, dec, exact=True, shape=_shape(found[0:2]))
+            found = own or found
+        return None if found is None else (found[0].tenant_id, found[0].name, found[2])
+
+    def _first(self, method: str, raw: list[str], decoded: list[str], dec: Any,
+               exact: bool = False, shape: object = None) -> Any:
         for e, segments, tail in self.routes:
-            if e.method not in ("ANY", method) and not (e.method == "GET" and method == "HEAD"):
+            if shape is not None and _shape((e, segments, tail)) != shape:
+                continue
+            if e.method not in ("ANY", method) and (
+                exact or not (e.method == "GET" and method == "HEAD")
+            ):
                 continue
             n = len(segments)
             if (len(raw) != n) if tail is None else (len(raw) <= n):
@@ -71,8 +84,17 @@ class _Reference:
             else:
                 if tail is not None:
                     params[tail] = dec("/".join(raw[n:]))
-                return e.tenant_id, e.name, params
+                return e, (segments, tail), params
         return None
+
+
+def _shape(found: Any) -> object:
+    """A route's node in the table: its literals, where its params are, its tail."""
+    if len(found) == 3:  # (entry, segments, tail)
+        _, segments, tail = found
+    else:  # (entry, (segments, tail))
+        segments, tail = found[1]
+    return tuple(None if is_param else text for text, is_param in segments), tail is not None
 
 
 def _served(table: RouteTable, method: str, path: str, encoded: bool = True) -> Any:
