@@ -315,6 +315,9 @@ def decide(end: Ending) -> dict[str, Any]:
         }
     if done.get("limit") == "output":
         return _limit("output_limit", "output", lim.log_bytes, "log output over its cap")
+    if done.get("limit") == "output_lines":
+        return _limit("output_limit", "output", lim.log_lines,
+                      f"more than {lim.log_lines} log lines")
     if done.get("limit") == "response":
         return _limit("output_limit", "response", lim.response_bytes, "response over its cap")
     code = done.get("exit_code")

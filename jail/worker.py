@@ -119,14 +119,16 @@ class _Collector:
         self.truncated = False
         self.gate = gate
         self.gated = 0  # lines the gate refused
+        self.over_lines = False  # truncated at the line cap, not the byte cap
 
     def add(self, stream: str, line: str, ts: float | None = None) -> bool:
         """Keep the line if under the caps; False once over them."""
         if self.truncated:
             return False
         self.bytes += len(line) + 1
-        if self.bytes > self.max_bytes or len(self.lines) >= self.max_lines:
+        if self.bytes > self.max_bytes or len(self.lines) + self.gated >= self.max_lines:
             self.truncated = True
+            self.over_lines = self.bytes <= self.max_bytes
             return False
         if self.gate is not None and not self.gate(len(line)):
             self.gated += 1
@@ -345,7 +347,7 @@ class _ChildRun:
         now = time.time()
         for line in lines:
             if not self.logs.add(stream, line.decode("utf-8", "replace"), now):
-                self._finish("output")
+                self._finish("output_lines" if self.logs.over_lines else "output")
                 return
 
     def flush_partials(self) -> None:
@@ -355,7 +357,7 @@ class _ChildRun:
         now = time.time()
         for stream, rest in self.partial.items():
             if rest and not self.logs.add(stream, rest.decode("utf-8", "replace"), now):
-                self.limit = "output"
+                self.limit = "output_lines" if self.logs.over_lines else "output"
                 return
         self.partial = {"stdout": b"", "stderr": b"", "ctx": b""}
 

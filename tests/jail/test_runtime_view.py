@@ -57,3 +57,25 @@ async def test_no_runtime_arguments_and_no_runtime_log_lines(jail: Jail, mode: s
     assert r.outcome == "ok" and r.body == b'{"argv": [""]}', describe(r)
     assert [e.message for e in r.logs] == [], describe(r)
     await fn.assert_recovers()
+
+
+LINES = """
+def handler(request, ctx):
+    for i in range(6000):
+        print(i)
+    return "done"
+"""
+
+
+async def test_the_line_cap_is_named_as_the_limit_hit(jail: Jail, mode: str) -> None:
+    """6,000 short lines hit the 5,000-line cap, and the record said the byte
+    cap (limit_value 1048576, "log output over its cap")."""
+    lim = Limits(timeout_s=5, memory_mb=64, log_lines=5000)
+    fn = jail.function(LINES, mode, limits=lim)
+    r = await fn()
+    assert (r.outcome, r.limit_name, r.limit_value) == ("output_limit", "output", 5000), (
+        describe(r)
+    )
+    assert r.limit_value != lim.log_bytes
+    assert "5000 log lines" in (r.error_message or ""), describe(r)
+    await fn.assert_recovers()
