@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -65,10 +66,37 @@ def parse_limit(params: QueryParams, default: int = 100) -> int:
     return default if limit is None else limit
 
 
+_RECORD_FIELDS = tuple(f.name for f in fields(InvocationRecord))
+
+
 def record_json(rec: InvocationRecord) -> dict[str, Any]:
-    out = asdict(rec)
+    # Its fields are scalars: asdict's deep copy of each was a third of the
+    # gateway's time serving a page of 1,000 records.
+    out = {name: getattr(rec, name) for name in _RECORD_FIELDS}
     out["tenant"] = out.pop("tenant_id")
     return out
+
+
+@contextlib.contextmanager
+def _reading(gw: Gateway, tenant: str) -> Iterator[None]:
+    """One of a tenant's list reads (records, log pages) at once. A page of
+    1,000 is tens of milliseconds of the gateway's one event loop: 12 clients
+    of one tenant reading them in a loop cut other tenants' calls to 0.02-0.12x
+    of their rate, with calls of a second."""
+    if gw.reading.get(tenant, 0) >= MAX_READS_PER_TENANT:
+        raise ApiError(
+            429,
+            "too_many_reads",
+            f"at most {MAX_READS_PER_TENANT} record or log reads of a tenant run at once",
+            headers={"Retry-After": "1"},
+        )
+    gw.reading[tenant] = gw.reading.get(tenant, 0) + 1
+    try:
+        yield
+    finally:
+        gw.reading[tenant] -= 1
+        if not gw.reading[tenant]:
+            del gw.reading[tenant]
 
 
 def line_json(line: LogLine) -> dict[str, Any]:
@@ -101,6 +129,7 @@ MAX_QUERY_TOKENS = 16
 _TOKEN = re.compile(r"[^\W_]+")
 # Searches with q of one tenant running at once (live tails aside): past it 429.
 MAX_SEARCHES_PER_TENANT = 2
+MAX_READS_PER_TENANT = 4  # record lists and log pages at once (see _reading)
 
 
 def _text_query(params: QueryParams) -> str | None:
@@ -137,18 +166,20 @@ async def list_invocations(gw: Gateway, request: Request) -> Response:
     limit = parse_limit(q)
     cursor = query_single(q, "cursor", "invalid_cursor")
     try:
-        records, cursor = await gw.store.list_invocations(
-            tenant_id=who.scope(),
-            function=q.get("function"),
-            outcome=outcome,
-            since=since,
-            until=until,
-            limit=limit,
-            cursor=cursor,
-        )
+        with _reading(gw, who.tenant_id):
+            records, cursor = await gw.store.list_invocations(
+                tenant_id=who.scope(),
+                function=q.get("function"),
+                outcome=outcome,
+                since=since,
+                until=until,
+                limit=limit,
+                cursor=cursor,
+            )
+            body = {"invocations": [record_json(r) for r in records], "cursor": cursor}
     except ValueError:
         raise _bad_cursor() from None
-    return JSONResponse({"invocations": [record_json(r) for r in records], "cursor": cursor})
+    return JSONResponse(body)
 
 
 async def get_invocation(gw: Gateway, request: Request) -> Response:
@@ -228,33 +259,35 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
             f"at most {MAX_SEARCHES_PER_TENANT} text searches of a tenant run at once",
             headers={"Retry-After": "1"},
         )
-    if text is not None:
-        gw.searching[tenant] = gw.searching.get(tenant, 0) + 1
-    try:
-        lines, cursor = await gw.store.query_logs(
-            tenant_id=tenant,
-            function=name,
-            invocation_id=q.get("invocation"),
-            since=since,
-            until=until,
-            level_min=level,
-            q=text,
-            limit=limit,
-            cursor=cursor,
-        )
-    except ValueError:
-        raise _bad_cursor() from None
-    finally:
+    with _reading(gw, who.tenant_id):
         if text is not None:
-            gw.searching[tenant] -= 1
-            if not gw.searching[tenant]:
-                del gw.searching[tenant]
-    if "application/x-ndjson" in request.headers.get("accept", ""):
-        payload = "".join(json.dumps(line_json(x)) + "\n" for x in lines)
-        return Response(
-            payload, media_type="application/x-ndjson", headers={"X-Next-Cursor": cursor or ""}
-        )
-    return JSONResponse({"logs": [line_json(x) for x in lines], "cursor": cursor})
+            gw.searching[tenant] = gw.searching.get(tenant, 0) + 1
+        try:
+            lines, cursor = await gw.store.query_logs(
+                tenant_id=tenant,
+                function=name,
+                invocation_id=q.get("invocation"),
+                since=since,
+                until=until,
+                level_min=level,
+                q=text,
+                limit=limit,
+                cursor=cursor,
+            )
+        except ValueError:
+            raise _bad_cursor() from None
+        finally:
+            if text is not None:
+                gw.searching[tenant] -= 1
+                if not gw.searching[tenant]:
+                    del gw.searching[tenant]
+        # Encoding the page is most of a read's cost: inside the count too.
+        if "application/x-ndjson" in request.headers.get("accept", ""):
+            payload = "".join(json.dumps(line_json(x)) + "\n" for x in lines)
+            return Response(
+                payload, media_type="application/x-ndjson", headers={"X-Next-Cursor": cursor or ""}
+            )
+        return JSONResponse({"logs": [line_json(x) for x in lines], "cursor": cursor})
 
 
 class _Slot:

@@ -84,6 +84,7 @@ class Gateway:
         )
         self.tenant_uploads: dict[str, tuple[asyncio.Lock, int]] = {}
         self.searching: dict[str, int] = {}  # log searches with q running, per tenant
+        self.reading: dict[str, int] = {}  # record lists and log pages running, per tenant
         self.runner: JailRunner | None = None
         self.pool: WarmPool | None = None
         self.unavailable: str | None = "starting"

@@ -236,3 +236,34 @@ async def test_a_get_route_answers_head_with_the_gets_headers(api: Api) -> None:
     assert head.headers["content-length"] == get.headers["content-length"]
     probe = await api.client.head("/probe")  # declared HEAD: the function sees HEAD
     assert probe.status_code == 404
+
+
+async def test_a_tenants_list_reads_are_capped_at_once(api: Api) -> None:
+    """Pages of 1,000 records or log lines are tens of milliseconds of the one
+    event loop each: 12 clients of one tenant reading them in a loop cut other
+    tenants' calls to 0.02-0.12x of their rate. At most 4 of a tenant's reads
+    run at once; past that 429 too_many_reads, and other tenants read on."""
+    from gateway.api_logs import MAX_READS_PER_TENANT
+
+    key = await api.tenant("reader")
+    await api.deploy("readme", "def handler(r, c):\n    return 1\n", key=key)
+    gw = api.app.state.gateway  # type: ignore[attr-defined]
+    r = await api.client.get("/api/v1/invocations", headers=api.auth(key))
+    assert r.status_code == 200, r.text
+    tenant = (await api.client.get("/api/v1/functions", headers=api.auth(key))).json()[
+        "functions"][0]["tenant"]
+    gw.reading[tenant] = MAX_READS_PER_TENANT  # as if 4 reads were running
+    try:
+        for url in ("/api/v1/invocations", "/api/v1/functions/readme/logs"):
+            r = await api.client.get(url, headers=api.auth(key))
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["code"] == "too_many_reads"
+            assert r.headers["retry-after"] == "1"
+        r = await api.client.get("/api/v1/invocations", headers=api.auth())  # another tenant
+        assert r.status_code == 200, r.text
+    finally:
+        gw.reading[tenant] = 0
+        del gw.reading[tenant]
+    r = await api.client.get("/api/v1/functions/readme/logs", headers=api.auth(key))
+    assert r.status_code == 200, r.text
+    assert gw.reading == {}
