@@ -347,9 +347,12 @@ async def _follow(
         lines = await gw.store.logs_after(
             tenant_id=tenant, function=name, after_id=after, limit=500, level_min=level, q=text
         )
-        for line in lines:
-            after = max(after, line.id)
-            yield f"id: {line.id}\nevent: log\ndata: {json.dumps(line_json(line))}\n\n"
+        if lines:  # one chunk: a message (and a socket write) per line cost more than the line
+            after = max(after, *(line.id for line in lines))
+            yield "".join(
+                f"id: {line.id}\nevent: log\ndata: {json.dumps(line_json(line))}\n\n"
+                for line in lines
+            )
         if len(lines) == 500:
             continue
         new = await gw.logbus.wait(scope, seen, FOLLOW_POLL_S)
