@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from .errors import ApiError
 from .http import (
     Principal,
+    client_gone,
     parse_json_object,
     query_bool,
     query_int,
@@ -308,8 +309,19 @@ async def _put_function(
         )
     gw.tenant_uploads[who.tenant_id] = (lock, waiting + 1)
     try:
-        async with lock:
-            blob, unpacked = await _check_code(gw, source, archive, config.entrypoint, limits)
+        gone = asyncio.ensure_future(client_gone(request.receive))
+        try:
+            async with lock:
+                await asyncio.sleep(0)  # a disconnect already read is seen now
+                if gone.done():
+                    # Its turn came after its client left: a check (up to the
+                    # time limit) nobody waits for would hold a checker.
+                    raise ApiError(499, "client_gone", "the client went away before the check")
+                blob, unpacked = await _check_code(
+                    gw, source, archive, config.entrypoint, limits
+                )
+        finally:
+            gone.cancel()
     finally:
         lock, waiting = gw.tenant_uploads[who.tenant_id]
         if waiting > 1:

@@ -19,7 +19,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
-from starlette.types import Receive
 
 from jail import JailRunner, JailUnavailable, Limits, choose_jail_dir
 from jail.pool import WarmPool
@@ -36,7 +35,15 @@ from .errors import (
     http_error_handler,
     unhandled_error_handler,
 )
-from .http import DEFAULT_TENANT, ByteBudget, Principal, path_is_utf8, read_body, require
+from .http import (
+    DEFAULT_TENANT,
+    ByteBudget,
+    Principal,
+    client_gone,
+    path_is_utf8,
+    read_body,
+    require,
+)
 from .invoke import Call, Invoker, new_invocation_id, to_http
 from .logbus import LogBudget, LogBus
 from .metrics import Metrics
@@ -279,14 +286,6 @@ class Gateway:
         await self.store.aclose()
 
 
-async def _client_gone(receive: Receive) -> None:
-    """Return once the client has disconnected. For a request whose body was
-    read whole: the server's receive() then waits for the disconnect (or for
-    the response to be complete, which is not before this call answers)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 class GatewayServer(uvicorn.Server):
     """uvicorn's server, with a shutdown that ends the gateway's invocations
     itself before uvicorn's own deadline (``timeout_graceful_shutdown``) would
@@ -456,7 +455,7 @@ def create_app(settings: Settings) -> Starlette:
             ),
             body=body,
             path_params=params,
-            client_gone=functools.partial(_client_gone, request.receive),
+            client_gone=functools.partial(client_gone, request.receive),
         )
         try:
             result, inv_id, report = await gw.invoker.invoke_reporting_later(fv, call)

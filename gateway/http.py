@@ -14,6 +14,7 @@ from urllib.parse import unquote_to_bytes
 from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from jail.result import not_strict_json
 from jail.runtime import _frames
@@ -41,6 +42,14 @@ class Principal:
     def scope(self) -> str | None:
         """Tenant filter for listings: None (everything) for the admin."""
         return None if self.admin else self.tenant_id
+
+
+async def client_gone(receive: Receive) -> None:
+    """Return once the client has disconnected. For a request whose body was
+    read whole: the server's receive() then waits for the disconnect (or for
+    the response to be complete, which is not before this call answers)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def bearer(request: Request) -> str | None:
