@@ -25,6 +25,7 @@ from .errors import JailUnavailable
 
 V1_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("memory", "pids", "cpu")
+CPU_PERIOD_US = 100_000  # the CFS bandwidth period of every slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +258,7 @@ class SlotPool:
             if swap.exists():  # absent on kernels without swap (nothing to cap)
                 _write(swap, 0)
             _write(d / "pids.max", lim.pids)
-            _write(d / "cpu.max", f"{quota} 100000")
+            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
             _write(d / "cpu.weight", cpu_weight(lim.cpu_ms_per_sec, version=2))
             return
         mem = self.groups.root / "memory" / self.groups.parent / name
@@ -270,7 +271,7 @@ class SlotPool:
             _write(memsw, lim.memory_bytes)  # memory + swap == memory: no swap
         _write(self.groups.root / "pids" / self.groups.parent / name / "pids.max", lim.pids)
         cpu = self.groups.root / "cpu" / self.groups.parent / name
-        _write(cpu / "cpu.cfs_period_us", 100000)
+        _write(cpu / "cpu.cfs_period_us", CPU_PERIOD_US)
         _write(cpu / "cpu.cfs_quota_us", quota)
         _write(cpu / "cpu.shares", cpu_weight(lim.cpu_ms_per_sec, version=1))
 
@@ -299,30 +300,28 @@ class SlotPool:
             fds = self._counter_fds[name] = (oom, pids)
         return {"oom_kill": _pread_key(fds[0], "oom_kill"), "pids_max": _pread_key(fds[1], "max")}
 
-    def cpu_ms(self, name: str, pids: list[int] | None = None) -> float | None:
-        """CPU time used in the slot, in ms, to compare two readings (v2: the
-        cgroup's own usage; v1, whose slots have no cpuacct: the sum over its
-        processes in /proc, all threads and reaped children included). None if
-        unknown."""
+    def cpu_ms(self, name: str) -> float | None:
+        """CPU the slot has used, in ms, to compare two readings; None if
+        unknown. v2: the cgroup's own usage. v1, whose slots have no cpuacct:
+        an upper bound, 100 ms per CFS period in which the slot ran at all
+        (``nr_periods`` counts only periods with CPU use, so it stands still
+        while the slot's processes wait). Summing /proc/<pid>/stat over the
+        slot's processes missed children reaped by a parent that ignores
+        SIGCHLD: their CPU reaches no total."""
         if self.groups.version == 2:
-            try:
-                text = (self.groups.root / name / "cpu.stat").read_text()
-            except OSError:
-                return None
-            for line in text.splitlines():
-                key, _, value = line.partition(" ")
-                if key == "usage_usec" and value.strip().isdigit():
-                    return int(value) / 1000.0
+            path, key, scale = self.groups.root / name / "cpu.stat", "usage_usec", 0.001
+        else:
+            path = self.groups.root / "cpu" / self.groups.parent / name / "cpu.stat"
+            key, scale = "nr_periods", CPU_PERIOD_US / 1000.0
+        try:
+            text = path.read_text()
+        except OSError:
             return None
-        total = 0
-        for pid in self.pids_in(name) if pids is None else pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-                # utime, stime, and those of its children it reaped (a jail's
-                # pid 1 reaps every orphan: short-lived processes count too)
-                total += sum(int(x) for x in fields[11:15])
-        return total * 1000.0 / _CLK_TCK
+        for line in text.splitlines():
+            field, _, value = line.partition(" ")
+            if field == key and value.strip().isdigit():
+                return int(value) * scale
+        return None
 
     def pids_in(self, name: str) -> list[int]:
         out: list[int] = []
@@ -432,9 +431,6 @@ def _lock_band(explicit: Path | None) -> tuple[int, int | None]:
 def _write(path: Path, value: object) -> None:
     with open(path, "w") as f:
         f.write(str(value))
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _pread_key(fd: int, key: str) -> int:

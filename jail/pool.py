@@ -340,11 +340,10 @@ class WarmPool:
         (load average 23, other tenants' calls 2-4x slower). Past
         IDLE_CPU_MS of CPU between two looks (IDLE_WATCH_S apart), or with a
         process in its slot that was not there at the last look, the worker is
-        closed, and whatever it started with it. (On cgroup v1 the CPU is
-        summed over the slot's processes in /proc, where a child reaped by a
-        parent that ignores SIGCHLD leaves no trace: a manager forking short
-        burners, 355 ms of CPU a second, went unseen until new processes
-        counted too. An idle jail starts none.)"""
+        closed, and whatever it started with it. (On cgroup v1 CPU use is
+        counted in the CFS periods the slot ran in, SlotPool.cpu_ms: a sum
+        over /proc missed a manager forking short burners whose exits it
+        ignored, 355 ms of CPU a second. An idle jail starts no process.)"""
         slots = self.config.slots
         for entry in self._keys.values():
             for w in list(entry.idle):
@@ -356,7 +355,7 @@ class WarmPool:
                     w.idle_cpu_mark = None
                     continue
                 pids = slots.pids_in(w.slot)
-                used = slots.cpu_ms(w.slot, pids)
+                used = slots.cpu_ms(w.slot)
                 if used is None:
                     continue
                 mark, w.idle_cpu_mark = w.idle_cpu_mark, (used, frozenset(pids))
