@@ -57,6 +57,8 @@ _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]|[^\x00-\xff]")
 # escape (maybe a lone one), or NaN/Infinity. Only then is the body parsed.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
 MAX_HEADERS = 64
+# Headers a response may carry once (RFC 9110: not list-valued).
+SINGLETONS = frozenset({"content-type", "location", "content-encoding", "etag", "last-modified"})
 MAX_HEADER_BYTES = 16 * 1024
 # A result frame's JSON header: status, at most MAX_HEADER_BYTES of response
 # headers (up to 6x that once escaped), an error message of 2,000 characters
@@ -242,9 +244,15 @@ def check_response(status: Any, headers: Any) -> tuple[int, tuple[tuple[str, str
         total += len(name) + len(value)
         if total > MAX_HEADER_BYTES:
             return f"headers exceed {MAX_HEADER_BYTES} bytes"
-        if name.lower() in HOP_BY_HOP:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
             continue  # framing and hop-by-hop headers belong to the gateway
-        clean.append((name, value))
+        if lower in SINGLETONS and any(n.lower() == lower for n, _ in clean):
+            # Two Content-Types reached the client as they were: which one a
+            # client uses is its guess.
+            return f"header {name!r} given twice: it takes one value"
+        # Outer spaces and tabs are not part of a field value (RFC 9110 §5.5).
+        clean.append((name, value.strip(" \t")))
     return status, tuple(clean)
 
 

@@ -79,3 +79,24 @@ async def test_the_line_cap_is_named_as_the_limit_hit(jail: Jail, mode: str) -> 
     assert r.limit_value != lim.log_bytes
     assert "5000 log lines" in (r.error_message or ""), describe(r)
     await fn.assert_recovers()
+
+
+TWO_TYPES = """
+def handler(request, ctx):
+    if request.text() == "two":
+        return "x", 200, [("Content-Type", "text/a"), ("content-type", "text/b")]
+    return "x", 200, [("X-Pad", "  spaced\\t ")]
+"""
+
+
+async def test_a_response_takes_one_content_type_and_values_without_outer_spaces(
+    jail: Jail, mode: str
+) -> None:
+    """Two Content-Type headers reached the client as they were (which one it
+    used was its guess), and a value's outer whitespace went on the wire."""
+    fn = jail.function(TWO_TYPES, mode)
+    r = await fn("two")
+    assert r.outcome == "bad_response" and "given twice" in (r.error_message or ""), describe(r)
+    r = await fn("pad")
+    assert r.outcome == "ok" and ("X-Pad", "spaced") in r.headers, describe(r)
+    await fn.assert_recovers()
