@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ZYGOTE = r"""
-import json, os, signal, socket, sys
+import json, os, select, signal, socket, sys
 
 def handler(request):
     return {'hello': request.get('query', {}).get('name', 'world')}
@@ -58,10 +59,23 @@ wait, took = os.pipe()
 for _ in range(2):  # two spares already forked, as the product keeps
     spare()
 print('ready', flush=True)
+poller = select.poll()
+poller.register(wait, select.POLLIN)
+poller.register(1, 0)  # POLLERR once the server (our stdout's reader) is gone
 while True:
-    for _ in os.read(wait, 64):
-        spare()
+    for fd, _ in poller.poll():
+        if fd == 1:
+            os.kill(-1, signal.SIGKILL)  # pid 1 of the jail: every child
+            os._exit(0)
+        for _ in os.read(wait, 64):
+            spare()
 """
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def start_jail(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -79,7 +93,10 @@ def start_jail(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
         "--rlimit_nproc", "soft", "--time_limit", "0", "--",
         python, "-I", "-S", "-c", ZYGOTE, "/sock/z.sock",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    # uvicorn re-raises SIGTERM after its shutdown, so no finally of ours runs
+    # then: nsjail dies with us, and the zygote sees its stdout's reader go.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line.strip() != b"ready":

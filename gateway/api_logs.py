@@ -78,25 +78,33 @@ def record_json(rec: InvocationRecord) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _reading(gw: Gateway, tenant: str) -> Iterator[None]:
-    """One of a tenant's list reads (records, log pages) at once. A page of
-    1,000 is tens of milliseconds of the gateway's one event loop: 12 clients
-    of one tenant reading them in a loop cut other tenants' calls to 0.02-0.12x
-    of their rate, with calls of a second."""
-    if gw.reading.get(tenant, 0) >= MAX_READS_PER_TENANT:
+def _counted(
+    running: dict[str, int], tenant: str, cap: int, code: str, what: str
+) -> Iterator[None]:
+    """One more of a tenant's ``what`` running, or 429 ``code`` past ``cap``."""
+    if running.get(tenant, 0) >= cap:
         raise ApiError(
             429,
-            "too_many_reads",
-            f"at most {MAX_READS_PER_TENANT} record or log reads of a tenant run at once",
+            code,
+            f"at most {cap} {what} of a tenant run at once",
             headers={"Retry-After": "1"},
         )
-    gw.reading[tenant] = gw.reading.get(tenant, 0) + 1
+    running[tenant] = running.get(tenant, 0) + 1
     try:
         yield
     finally:
-        gw.reading[tenant] -= 1
-        if not gw.reading[tenant]:
-            del gw.reading[tenant]
+        running[tenant] -= 1
+        if not running[tenant]:
+            del running[tenant]
+
+
+def _reading(gw: Gateway, tenant: str) -> contextlib.AbstractContextManager[None]:
+    """One of a tenant's list reads (records, log pages). A page of 1,000 is
+    tens of milliseconds of the gateway's one event loop: 12 clients of one
+    tenant reading them in a loop cut other tenants' calls to 0.02-0.12x."""
+    return _counted(
+        gw.reading, tenant, MAX_READS_PER_TENANT, "too_many_reads", "record or log reads"
+    )
 
 
 def line_json(line: LogLine) -> dict[str, Any]:
@@ -252,16 +260,14 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
     since, until = parse_time(q, "since"), parse_time(q, "until")
     limit = parse_limit(q)
     cursor = query_single(q, "cursor", "invalid_cursor")
-    if text is not None and gw.searching.get(tenant, 0) >= MAX_SEARCHES_PER_TENANT:
-        raise ApiError(
-            429,
-            "too_many_searches",
-            f"at most {MAX_SEARCHES_PER_TENANT} text searches of a tenant run at once",
-            headers={"Retry-After": "1"},
-        )
-    with _reading(gw, who.tenant_id):
-        if text is not None:
-            gw.searching[tenant] = gw.searching.get(tenant, 0) + 1
+    # Searches with q cost more than pages: two of a tenant's at once.
+    searching = (
+        _counted(gw.searching, tenant, MAX_SEARCHES_PER_TENANT, "too_many_searches",
+                 "text searches")
+        if text is not None
+        else contextlib.nullcontext()
+    )
+    with searching, _reading(gw, who.tenant_id):
         try:
             lines, cursor = await gw.store.query_logs(
                 tenant_id=tenant,
@@ -276,11 +282,6 @@ async def function_logs(gw: Gateway, request: Request) -> Response:
             )
         except ValueError:
             raise _bad_cursor() from None
-        finally:
-            if text is not None:
-                gw.searching[tenant] -= 1
-                if not gw.searching[tenant]:
-                    del gw.searching[tenant]
         # Encoding the page is most of a read's cost: inside the count too.
         if "application/x-ndjson" in request.headers.get("accept", ""):
             payload = "".join(json.dumps(line_json(x)) + "\n" for x in lines)

@@ -6,63 +6,30 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from gateway.api_functions import MAX_ENV_BYTES
-from gateway.app import create_app
-from gateway.httpproto import MAX_PIPELINED, header_limited_protocol
-from jail import choose_jail_dir
+from gateway.httpproto import MAX_PIPELINED
+from tests.e2e.conftest import Live, serving
 
-from .conftest import ADMIN, Api, QuietHandler, make_settings, serve_http
+from .conftest import Api, QuietHandler, serve_http
 
 REPO = Path(__file__).resolve().parents[2]
 ECHO = "def handler(request, ctx):\n    return {'path': request.path}\n"
 
 
-@dataclass
-class Live:
-    url: str
-    port: int
-    app: Any
-
-
 @pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Live]:
+async def live() -> AsyncIterator[Live]:
     """The gateway behind uvicorn with its own protocol, on loopback."""
-    settings = make_settings(tmp_path / "data")
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        http=header_limited_protocol(settings.max_header_bytes),
-        log_config=None,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(60):
-            while not server.started:
-                assert not task.done()
-                await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield Live(f"http://127.0.0.1:{port}", port, app)
-    finally:
-        server.should_exit = True
-        await task
-        shutil.rmtree(choose_jail_dir(settings.data_dir), ignore_errors=True)
+    async with serving() as running:
+        yield running
 
 
 def _pipeline(port: int, requests: bytes, timeout_s: float = 20.0) -> tuple[list[int], bool]:
@@ -146,7 +113,7 @@ async def test_head_on_a_live_tail_ends_and_holds_no_slot(live: Live) -> None:
     the tenant's 16 tail slots and hung its keep-alive connection."""
     async with httpx.AsyncClient(base_url=live.url, timeout=30) as admin:
         r = await admin.post(
-            "/api/v1/tenants", json={"name": "tails"}, headers={"Authorization": f"Bearer {ADMIN}"}
+            "/api/v1/tenants", json={"name": "tails"}, headers=live.auth
         )
         auth = {"Authorization": f"Bearer {r.json()['key']}"}
         r = await admin.put("/api/v1/functions/t", json={"source": ECHO}, headers=auth)
