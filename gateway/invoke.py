@@ -67,6 +67,9 @@ def new_invocation_id() -> str:
     return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
 
 
+PROBATION_BOXES = 10  # a boxed function's next limit re-boxes it for this many penalty_s
+
+
 def _strike_key(tenant_id: str, name: str, version: int) -> str:
     return f"{tenant_id}/{name}@{version}"
 
@@ -165,7 +168,15 @@ class Invoker:
             if throttled:
                 return  # the box ends penalty_s after it began, or at a call that is fine
             count, last = self._strikes.get(key, (0, 0.0))
-            if time.monotonic() - last >= self.settings.penalty_s:
+            age = time.monotonic() - last
+            if count >= self.settings.penalty_strikes:
+                # Out of the box by time, not by a call that was fine: on
+                # probation, its next limit puts it back at once (a CPU loop
+                # called over and over got three calls at the full quota after
+                # every box, and the soak's good calls fell behind).
+                if age >= PROBATION_BOXES * self.settings.penalty_s:
+                    count = 0
+            elif age >= self.settings.penalty_s:
                 count = 0  # the earlier run of limits is old news
             self._strikes[key] = (count + 1, time.monotonic())
             if count + 1 == self.settings.penalty_strikes:
