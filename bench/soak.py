@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import os
 import signal
@@ -32,8 +33,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+from rawhttp import HTTPError, RawClient  # bench/ is on the path (run as a script)
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "soak-admin-key"
@@ -120,7 +123,7 @@ async def deploy(c: httpx.AsyncClient, name: str, src: str, timeout_s: float, me
     r.raise_for_status()
 
 
-async def capacity(c: httpx.AsyncClient, seconds: float) -> float:
+async def capacity(c: RawClient, seconds: float) -> float:
     done = 0
     end = time.monotonic() + seconds
 
@@ -129,8 +132,8 @@ async def capacity(c: httpx.AsyncClient, seconds: float) -> float:
         i = 0
         while time.monotonic() < end:
             i += 1
-            r = await c.get("/fn/good", params={"id": str(i)})
-            if r.status_code == 200:
+            r = await c.get(f"/fn/good?id={i}")
+            if r.status == 200:
                 done += 1
 
     t0 = time.monotonic()
@@ -139,26 +142,27 @@ async def capacity(c: httpx.AsyncClient, seconds: float) -> float:
 
 
 async def open_loop(
-    c: httpx.AsyncClient, rate: float, seconds: float, stats: dict[str, list[float] | int]
+    c: RawClient, rate: float, seconds: float, stats: dict[str, Any]
 ) -> None:
     """Fire good requests at a fixed rate, whatever the latency (open loop)."""
     tasks: set[asyncio.Task[None]] = set()
-    # httpx's pool degrades badly with thousands of waiting requests, so at most
-    # MAX_IN_FLIGHT are sent at once; latency still counts from each request's
+    # At most MAX_IN_FLIGHT are sent at once (more connections would only queue
+    # in the gateway's listen backlog); latency still counts from each request's
     # scheduled time, so a stalled gateway cannot hide (no coordinated omission).
     gate = asyncio.Semaphore(MAX_IN_FLIGHT)
     interval = 1.0 / rate
     n = int(rate * seconds)
     start = time.monotonic()
+    stats["t0"] = start
 
     async def one(i: int, t: float) -> None:
         what = ""
         try:
             async with gate:
-                r = await c.get("/fn/good", params={"id": str(i)})
-            ok = r.status_code == 200 and r.json() == {"echo": str(i)}
-            what = f"{r.status_code} {r.headers.get('x-invocation-id', '-')} {r.text[:200]}"
-        except (httpx.HTTPError, ValueError) as exc:
+                r = await c.get(f"/fn/good?id={i}")
+            ok = r.status == 200 and json.loads(r.body) == {"echo": str(i)}
+            what = f"{r.status} {r.headers.get('x-invocation-id', '-')} {r.body[:200]!r}"
+        except (HTTPError, ValueError) as exc:
             ok = False
             what = f"{type(exc).__name__}: {exc}"
         lat = stats["lat"]
@@ -191,17 +195,55 @@ async def open_loop(
         await asyncio.wait(tasks, timeout=5)
 
 
-async def hostile_loop(c: httpx.AsyncClient, stop: asyncio.Event, counts: dict[str, int]) -> None:
-    names = list(HOSTILE)
+async def hostile_loop(
+    c: RawClient, stop: asyncio.Event, counts: dict[str, int],
+    spans: list[tuple[str, float, float]], names: list[str],
+) -> None:
     i = 0
     while not stop.is_set():
         name = names[i % len(names)]
         i += 1
+        t0 = time.monotonic()
         try:
             r = await c.get(f"/fn/{name}")
-            counts[f"{name}:{r.status_code}"] = counts.get(f"{name}:{r.status_code}", 0) + 1
-        except httpx.HTTPError:
+            counts[f"{name}:{r.status}"] = counts.get(f"{name}:{r.status}", 0) + 1
+        except HTTPError:
             counts[f"{name}:transport_error"] = counts.get(f"{name}:transport_error", 0) + 1
+        spans.append((name, t0, time.monotonic()))
+
+
+def by_overlap(
+    calls: list[tuple[float, float, bool, str]], t0: float, spans: list[tuple[str, float, float]]
+) -> list[str]:
+    """The good calls' latency by which hostile functions ran while they did:
+    which kind of hostile call the tail comes from."""
+    spans = sorted(spans, key=lambda s: s[1])
+    starts = [s[1] for s in spans]
+    longest = max((b - a for _, a, b in spans), default=0.0)
+    groups: dict[str, list[float]] = {}
+    for ms, at, _, _ in calls:
+        began, ended = t0 + at, t0 + at + ms / 1000
+        lo = bisect.bisect_left(starts, began - longest)
+        hi = bisect.bisect_right(starts, ended)
+        names = sorted({n for n, a, b in spans[lo:hi] if a < ended and b > began})
+        groups.setdefault("+".join(names) or "(none)", []).append(ms)
+    return [
+        f"  {k:40s} {len(v):7d} calls  p50 {pct(v, 0.5):7.1f}  p99 {pct(v, 0.99):8.1f} ms"
+        for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    ]
+
+
+def timeline(calls: list[tuple[float, float, bool, str]], every: float) -> list[str]:
+    """The good calls' p99 per stretch of the run: whether the tail is spread
+    over the run or comes in bursts."""
+    buckets: dict[int, list[float]] = {}
+    for ms, at, _, _ in calls:
+        buckets.setdefault(int(at // every), []).append(ms)
+    return [
+        f"  {k * every:5.0f}s {len(v):6d} calls  p50 {pct(v, 0.5):7.1f}  p99 {pct(v, 0.99):8.1f}"
+        f"  max {max(v):8.1f} ms"
+        for k, v in sorted(buckets.items())
+    ]
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -223,11 +265,12 @@ async def main(args: argparse.Namespace) -> int:
     )
     print(f"gateway log: {data / 'gateway.log'}", file=sys.stderr)
     base = f"http://127.0.0.1:{port}"
-    # Idle connections expire on the client before uvicorn's 5 s keep-alive
+    # Idle connections expire on the client (2 s) before uvicorn's 5 s keep-alive
     # timeout closes them: otherwise a request can be sent on a connection the
-    # server is closing at that instant (a ReadError that is the client's race).
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits,
+    # server is closing at that instant (a read error that is the client's race).
+    load = RawClient("127.0.0.1", port, {"Authorization": f"Bearer {ADMIN}"},
+                     max_connections=MAX_IN_FLIGHT + 8, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(base_url=base, timeout=60,
                                  headers={"Authorization": f"Bearer {ADMIN}"}) as c:
         for _ in range(300):
             try:
@@ -239,16 +282,16 @@ async def main(args: argparse.Namespace) -> int:
         await deploy(c, "good", GOOD, 5.0, 64)
         for name, (src, timeout_s, mem) in HOSTILE.items():
             await deploy(c, name, src, timeout_s, mem)
-        await capacity(c, 2.0)  # warm up
-        cap = await capacity(c, args.capacity_seconds)
+        await capacity(load, 2.0)  # warm up
+        cap = await capacity(load, args.capacity_seconds)
         rate = args.rate or max(1.0, cap * args.load)
         print(f"warm capacity at concurrency 8: {cap:.0f}/s; soak rate {rate:.0f}/s")
 
-        base_stats: dict[str, list[float] | int] = {"lat": [], "bad": 0}
-        await open_loop(c, rate, args.baseline_seconds, base_stats)
+        base_stats: dict[str, Any] = {"lat": [], "bad": 0}
+        await open_loop(load, rate, args.baseline_seconds, base_stats)
         print("baseline done", file=sys.stderr)
 
-        soak_stats: dict[str, list[float] | int] = {"lat": [], "bad": 0}
+        soak_stats: dict[str, Any] = {"lat": [], "bad": 0}
         counts: dict[str, int] = {}
         samples: list[dict[str, float]] = [sample(proc.pid)]
         stop = asyncio.Event()
@@ -258,9 +301,13 @@ async def main(args: argparse.Namespace) -> int:
                 await asyncio.sleep(args.sample_every)
                 samples.append(sample(proc.pid))
 
-        hostile = [asyncio.create_task(hostile_loop(c, stop, counts)) for _ in range(2)]
+        spans: list[tuple[str, float, float]] = []
+        hostile = [
+            asyncio.create_task(hostile_loop(load, stop, counts, spans, args.hostile))
+            for _ in range(2)
+        ]
         sampling = asyncio.create_task(sampler())
-        await open_loop(c, rate, args.duration, soak_stats)
+        await open_loop(load, rate, args.duration, soak_stats)
         print("soak done", file=sys.stderr)
         stop.set()
         await asyncio.gather(*hostile, sampling)
@@ -278,16 +325,29 @@ async def main(args: argparse.Namespace) -> int:
         assert isinstance(calls, list)
         worst = sorted(calls, reverse=True)[:8] + [x for x in calls if not x[2]][:8]
         print("\nslowest and wrong good calls (ms, s into the soak, ok, answer; record):")
+        t0 = float(soak_stats["t0"])
         for ms, at, ok, what in worst:
-            rec = ""
+            # The hostile calls that were running while this one waited.
+            began, ended = t0 + at, t0 + at + ms / 1000
+            overlap = sorted({n for n, a, b in spans if a < ended and b > began})
+            rec = f"hostile: {','.join(overlap) or '-'} "
             parts = what.split(" ")
             if len(parts) > 1 and len(parts[1]) == 24:
                 r = await c.get(f"/api/v1/invocations/{parts[1]}")
                 if r.status_code == 200:
                     j = r.json()
-                    rec = (f"outcome={j['outcome']} start={j['start']} wall_ms={j['wall_ms']}"
+                    rec += (f"outcome={j['outcome']} start={j['start']} wall_ms={j['wall_ms']}"
                            f" queued={j.get('queue_ms')}")
             print(f"  {ms:8.1f} {at:6.1f}s {ok} {what[:160]!r} {rec}")
+        print(f"\ngood calls by {args.timeline:g} s of the soak:")
+        print("\n".join(timeline(calls, args.timeline)))
+        print("\ngood calls by the hostile calls running at the same time:")
+        print("\n".join(by_overlap(calls, t0, spans)))
+        dump = data / "soak-calls.json"
+        dump.write_text(json.dumps({
+            "t0": t0, "good": calls, "hostile": spans, "rate": rate,
+        }))
+        print(f"every call: {dump}")
 
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
@@ -334,6 +394,9 @@ if __name__ == "__main__":
     p.add_argument("--rate", type=float, default=0.0,
                    help="good calls per second, instead of --load (to compare two runs)")
     p.add_argument("--sample-every", type=float, default=5.0)
+    p.add_argument("--hostile", type=lambda v: v.split(","), default=list(HOSTILE),
+                   help="comma-separated hostile functions to call (default: all)")
+    p.add_argument("--timeline", type=float, default=30.0, help="seconds per line of the timeline")
     p.add_argument(
         "--settle", type=float, default=0.0,
         help="after the soak, sample again after this many idle seconds (set "

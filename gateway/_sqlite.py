@@ -126,7 +126,7 @@ class SqliteStore(Store):
             conn.execute("PRAGMA journal_size_limit = 67108864")  # trim the WAL to 64 MiB
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # see _checkpoint
             migrate(conn)
-            self._fts = setup_fts(conn) if self._want_fts else False
+            self._fts = setup_fts(conn, self._want_fts)
             with transaction(conn, write=True):
                 # Nothing runs before the store opens: a "running" record is of
                 # an invocation that a crash (or SIGKILL) of the gateway ended.
@@ -456,7 +456,7 @@ class SqliteStore(Store):
 
         def op(c: sqlite3.Connection) -> None:
             if batch:
-                logs.append(c, batch, self._scopes)
+                logs.append(c, batch, self._scopes, fts=self._fts)
             records.finish_invocation(c, rec)
 
         if len(batch) > INLINE_MAX_LINES or not self._writer_idle():
@@ -546,7 +546,9 @@ class SqliteStore(Store):
     async def append_logs(self, lines: Sequence[NewLogLine]) -> None:
         if lines:
             batch = list(lines)
-            await self._write(lambda c: logs.append(c, batch, self._scopes), bulk=True)
+            await self._write(
+                lambda c: logs.append(c, batch, self._scopes, fts=self._fts), bulk=True
+            )
 
     async def query_logs(
         self,

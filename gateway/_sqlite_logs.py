@@ -41,9 +41,14 @@ def level_number(level: str) -> int:
 
 
 def append(
-    conn: sqlite3.Connection, lines: Sequence[NewLogLine], scopes: dict[tuple[str, str], int]
+    conn: sqlite3.Connection,
+    lines: Sequence[NewLogLine],
+    scopes: dict[tuple[str, str], int],
+    *,
+    fts: bool,
 ) -> None:
-    """Insert lines; `scopes` caches scope ids and is only ever used by the writer thread."""
+    """Insert lines, and index them if `fts`; `scopes` caches scope ids and is only
+    ever used by the writer thread."""
     if not lines:
         return
     if not all(math.isfinite(line.ts) for line in lines):
@@ -70,11 +75,18 @@ def append(
             )
             for line in lines
         ]
+        (before,) = conn.execute("SELECT coalesce(max(id), 0) FROM logs").fetchone()
         conn.executemany(
             """INSERT INTO logs (scope_id, ts, invocation_id, level, message, fields)
                VALUES (?, ?, ?, ?, ?, ?)""",
             rows,
         )
+        if fts:  # the ids past `before` are these lines: the store has one writer
+            conn.execute(
+                """INSERT INTO logs_fts (rowid, message, scope)
+                   SELECT id, message, 's' || scope_id FROM logs WHERE id > ?""",
+                (before,),
+            )
         conn.executemany(
             "UPDATE log_scopes SET lines = lines + ? WHERE id = ?",
             [(n, scope) for scope, n in Counter(row[0] for row in rows).items()],

@@ -51,7 +51,7 @@ MESSAGES = {
 }
 
 
-LOG_CHUNK = 200  # log lines per store write
+LOG_CHUNK = 50  # log lines per store write
 MAX_RECORDED_PATH = 2048  # characters of the request path kept in an invocation record
 # An invocation's "running" record is written only once it has run this long:
 # most end within milliseconds, and writing their record twice (running, then

@@ -130,15 +130,42 @@ async def test_search_index_is_rebuilt_when_it_was_missing(tmp_path: Path) -> No
     async with open_store(tmp_path) as s:
         await s.append_logs([line(1.0, "indexed needle")])
     with sqlite3.connect(tmp_path / "nsfaas.db") as db:  # as left by a SQLite without FTS5
-        db.execute("DROP TRIGGER logs_fts_insert")
-        db.execute("DROP TRIGGER logs_fts_delete")
         db.execute("INSERT INTO logs_fts (logs_fts) VALUES ('delete-all')")
-    async with SqliteStore(tmp_path, fts=False) as s:
+    async with SqliteStore(tmp_path, fts=False) as s:  # drops the trigger: the index is stale
         await s.append_logs([line(2.0, "unindexed needle")])
     async with SqliteStore(tmp_path) as s:
         assert s.fts
         found, _ = await s.query_logs(q="needle")
         assert [x.message for x in found] == ["unindexed needle", "indexed needle"]
+
+
+async def test_a_store_with_the_old_per_row_index_trigger_indexes_each_line_once(
+    tmp_path: Path,
+) -> None:
+    """Lines are indexed by one INSERT ... SELECT per batch (a per-row trigger cost twice
+    as much); a database from before has that trigger, which is dropped at open, or every
+    line would be indexed twice."""
+    async with open_store(tmp_path) as s:
+        await s.append_logs([line(1.0, "first needle")])
+    with sqlite3.connect(tmp_path / "nsfaas.db") as db:
+        db.execute(
+            """CREATE TRIGGER logs_fts_insert AFTER INSERT ON logs BEGIN
+                INSERT INTO logs_fts (rowid, message, scope)
+                VALUES (new.id, new.message, 's' || new.scope_id);
+            END"""
+        )
+    async with open_store(tmp_path) as s:
+        await s.append_logs([line(2.0, "second needle"), line(3.0, "third needle")])
+        found, _ = await s.query_logs(q="needle")
+        assert [x.message for x in found] == ["third needle", "second needle", "first needle"]
+    with sqlite3.connect(tmp_path / "nsfaas.db") as db:
+        triggers = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+        assert "logs_fts_insert" not in triggers and "logs_fts_delete" in triggers
+        # one index entry per line: the index's row count of the word is the line count
+        (hits,) = db.execute(
+            "SELECT count(*) FROM logs_fts WHERE logs_fts MATCH 'needle'"
+        ).fetchone()
+        assert hits == 3
 
 
 async def test_limits_must_be_positive(store: SqliteStore) -> None:
