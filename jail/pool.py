@@ -28,7 +28,9 @@ from .worker import Invocation, Worker, start_within_timeout
 
 HOT_S = 1.0  # called again within this many seconds: keep a second warm worker
 IDLE_WATCH_S = 1.0  # how often idle workers' CPU use is looked at (watch_idle)
-IDLE_CPU_MS = 100.0  # CPU between two looks that closes an idle worker
+IDLE_CPU_MS = 100.0  # CPU between two looks that counts an idle worker as busy
+IDLE_BUSY_LOOKS = 2  # busy at this many looks in a row: closed
+IDLE_CPU_MS_AT_ONCE = 400.0  # CPU between two looks that closes it at once
 
 
 @dataclass(slots=True)
@@ -340,7 +342,12 @@ class WarmPool:
         (load average 23, other tenants' calls 2-4x slower). Past
         IDLE_CPU_MS of CPU between two looks (IDLE_WATCH_S apart), or with a
         process in its slot that was not there at the last look, the worker is
-        closed, and whatever it started with it. (On cgroup v1 CPU use is
+        closed, and whatever it started with it, once it does so at two looks
+        in a row or uses more than IDLE_CPU_MS_AT_ONCE: one small busy look is
+        the settling of its last call (the runtime's clean-up and the next
+        child's fork can outlast IDLE_WATCH_S on a busy machine, and on v1 any
+        wake-up counts a whole period, two or three with the counter's lag; a
+        quiet worker was closed so now and then). (On cgroup v1 CPU use is
         counted in the CFS periods the slot ran in, SlotPool.cpu_ms: a sum
         over /proc missed a manager forking short burners whose exits it
         ignored, 355 ms of CPU a second. An idle jail starts no process.)"""
@@ -353,13 +360,19 @@ class WarmPool:
                     # Its last call's child may not be reaped yet (its CPU then
                     # lands on the zygote), nor the next child's dry run done.
                     w.idle_cpu_mark = None
+                    w.idle_busy_looks = 0
                     continue
                 pids = slots.pids_in(w.slot)
                 used = slots.cpu_ms(w.slot)
                 if used is None:
                     continue
                 mark, w.idle_cpu_mark = w.idle_cpu_mark, (used, frozenset(pids))
-                if mark is not None and (used - mark[0] > IDLE_CPU_MS or not mark[1] >= set(pids)):
+                if mark is None:
+                    continue
+                cpu = used - mark[0]
+                busy = cpu > IDLE_CPU_MS or not mark[1] >= set(pids)
+                w.idle_busy_looks = w.idle_busy_looks + 1 if busy else 0
+                if w.idle_busy_looks >= IDLE_BUSY_LOOKS or cpu > IDLE_CPU_MS_AT_ONCE:
                     entry.idle.remove(w)
                     self.stats.busy_idle += 1
                     self._close_later(w)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
@@ -165,8 +166,14 @@ def handler(request, ctx):
 IDLE_CHURN = """
 import os, signal, time
 
+_managing = False
+
 def _manage():
+    global _managing
+    if _managing:
+        return  # a burner: the hook runs in every fork, the manager's too
     if os.fork() == 0:  # a manager whose children the kernel reaps: no CPU in any total
+        _managing = True
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         while True:
             if os.fork() == 0:
@@ -208,5 +215,50 @@ async def test_an_idle_worker_whose_jail_burns_cpu_is_closed(
         assert pool.stats.busy_idle == 1
         idle = {k: len(e.idle) for k, e in pool._keys.items() if e.idle}
         assert idle == {"t/quiet@1:a": 1}, idle
+    finally:
+        await pool.aclose()
+
+
+async def test_an_idle_worker_busy_at_one_look_only_is_kept(
+    runner: JailRunner, deploy: Deploy
+) -> None:
+    """The settling of a worker's last call (the runtime's clean-up, the next
+    child's fork) can fall after the watch's first look on a busy machine, and
+    on cgroup v1 any wake-up counts a whole CFS period: a quiet worker was
+    closed now and then (a full test run caught it). One small busy look is not
+    enough; two in a row are (or one over IDLE_CPU_MS_AT_ONCE). The watch is
+    driven by hand here, and the blip is a 60 ms CPU burst run inside the
+    worker's slot between two looks."""
+    pool = WarmPool(runner.config, max_idle_per_key=1, idle_s=60)  # no loop: looks by hand
+    try:
+        spec = runner.spec(deploy(QUICK), "handler:handler", Limits(timeout_s=5, memory_mb=64))
+        r = await pool.run("t/q@1:a", spec, Invocation("i-1", "f", 1, "t"))
+        assert r.body == b"quick", describe(r)
+        (worker,) = pool._keys["t/q@1:a"].idle
+        assert worker.slot is not None
+        await asyncio.sleep(1.2)  # past IDLE_WATCH_S since its call
+        pool.watch_idle()  # the first look: the baseline
+        blip = await asyncio.create_subprocess_exec(
+            sys.executable, "-c",
+            "import sys, time\nsys.stdin.read(1)\nt = time.monotonic()\n"
+            "while time.monotonic() - t < 0.06: pass\n",
+            stdin=asyncio.subprocess.PIPE,
+        )
+        for procs in runner.config.slots.procs_files(worker.slot):
+            procs.write_text(str(blip.pid))
+        assert blip.stdin is not None
+        blip.stdin.write(b"x")
+        await blip.stdin.drain()
+        assert await blip.wait() == 0
+        await asyncio.sleep(0.4)  # v1 counts CFS periods as its timer fires: a little late
+        pool.watch_idle()  # busy: 60 ms of CPU, one to three periods on v1
+        assert worker.idle_busy_looks == 1
+        assert list(pool._keys["t/q@1:a"].idle) == [worker] and pool.stats.busy_idle == 0
+        await asyncio.sleep(1.0)
+        pool.watch_idle()  # quiet again
+        assert worker.idle_busy_looks == 0
+        assert list(pool._keys["t/q@1:a"].idle) == [worker] and pool.stats.busy_idle == 0
+        r = await pool.run("t/q@1:a", spec, Invocation("i-2", "f", 1, "t"))
+        assert r.body == b"quick" and r.start == "warm", describe(r)
     finally:
         await pool.aclose()
