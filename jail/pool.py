@@ -30,7 +30,7 @@ HOT_S = 1.0  # called again within this many seconds: keep a second warm worker
 IDLE_WATCH_S = 1.0  # how often idle workers' CPU use is looked at (watch_idle)
 IDLE_CPU_MS = 100.0  # CPU between two looks that counts an idle worker as busy
 IDLE_BUSY_LOOKS = 2  # busy at this many looks in a row: closed
-IDLE_CPU_MS_AT_ONCE = 400.0  # CPU between two looks that closes it at once
+IDLE_CPU_MS_TOTAL = 400.0  # CPU since its first look that closes it
 
 
 @dataclass(slots=True)
@@ -343,7 +343,8 @@ class WarmPool:
         IDLE_CPU_MS of CPU between two looks (IDLE_WATCH_S apart), or with a
         process in its slot that was not there at the last look, the worker is
         closed, and whatever it started with it, once it does so at two looks
-        in a row or uses more than IDLE_CPU_MS_AT_ONCE: one small busy look is
+        in a row or has used more than IDLE_CPU_MS_TOTAL since its first look
+        (a burner busy at every other look adds up): one small busy look is
         the settling of its last call (the runtime's clean-up and the next
         child's fork can outlast IDLE_WATCH_S on a busy machine, and on v1 any
         wake-up counts a whole period, two or three with the counter's lag; a
@@ -359,7 +360,7 @@ class WarmPool:
                 if time.monotonic() - w.last_used < IDLE_WATCH_S:
                     # Its last call's child may not be reaped yet (its CPU then
                     # lands on the zygote), nor the next child's dry run done.
-                    w.idle_cpu_mark = None
+                    w.idle_cpu_mark = w.idle_cpu_base = None
                     w.idle_busy_looks = 0
                     continue
                 pids = slots.pids_in(w.slot)
@@ -367,12 +368,13 @@ class WarmPool:
                 if used is None:
                     continue
                 mark, w.idle_cpu_mark = w.idle_cpu_mark, (used, frozenset(pids))
-                if mark is None:
+                if mark is None or w.idle_cpu_base is None:
+                    w.idle_cpu_base = used
                     continue
-                cpu = used - mark[0]
-                busy = cpu > IDLE_CPU_MS or not mark[1] >= set(pids)
+                busy = used - mark[0] > IDLE_CPU_MS or not mark[1] >= set(pids)
                 w.idle_busy_looks = w.idle_busy_looks + 1 if busy else 0
-                if w.idle_busy_looks >= IDLE_BUSY_LOOKS or cpu > IDLE_CPU_MS_AT_ONCE:
+                total = used - w.idle_cpu_base
+                if w.idle_busy_looks >= IDLE_BUSY_LOOKS or total > IDLE_CPU_MS_TOTAL:
                     entry.idle.remove(w)
                     self.stats.busy_idle += 1
                     self._close_later(w)

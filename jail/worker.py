@@ -400,6 +400,7 @@ class Worker:
         # WarmPool.watch_idle's last reading: CPU ms and the processes of the slot
         self.idle_cpu_mark: tuple[float, frozenset[int]] | None = None
         self.idle_busy_looks = 0  # looks in a row that found it busy
+        self.idle_cpu_base: float | None = None  # its CPU ms at the first look
         self._ctl: _Control | None = None
         self._child = 0  # the number of the last child this worker used
         self._stdin: socket.socket | None = None  # the children's stdin (our end)
