@@ -349,6 +349,7 @@ async def main(args: argparse.Namespace) -> int:
         }))
         print(f"every call: {dump}")
 
+    await load.aclose()
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
 
