@@ -75,7 +75,9 @@ def append(
             )
             for line in lines
         ]
-        (before,) = conn.execute("SELECT coalesce(max(id), 0) FROM logs").fetchone()
+        before = 0
+        if fts:
+            (before,) = conn.execute("SELECT coalesce(max(id), 0) FROM logs").fetchone()
         conn.executemany(
             """INSERT INTO logs (scope_id, ts, invocation_id, level, message, fields)
                VALUES (?, ?, ?, ?, ?, ?)""",
