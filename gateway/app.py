@@ -188,6 +188,7 @@ class Gateway:
                 base_cfg=s.jail_config,
                 spare_launchers=s.spare_launchers,
                 uid_base=s.jail_uid_base,
+                penalty_box_cpu_ms_per_sec=s.penalty_box_cpu_ms_per_sec,
                 usual_limits=Limits(
                     memory_mb=s.default_memory_mb, pids=s.pids, cpu_ms_per_sec=s.cpu_ms_per_sec
                 ),

@@ -98,6 +98,8 @@ class Settings:
     # quota until one ends otherwise or penalty_s pass without another. 0: never.
     penalty_strikes: int = 3
     penalty_cpu_ms_per_sec: int = 100
+    # ...and every throttled function together, in one cgroup (the penalty box).
+    penalty_box_cpu_ms_per_sec: int = 100
     penalty_s: float = 60.0
     invoke_depth: int = 4  # ctx.invoke nesting
     extra: Mapping[str, str] = field(default_factory=dict)

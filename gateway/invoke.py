@@ -202,6 +202,7 @@ class Invoker:
             log_lines=s.max_log_lines,
             response_bytes=s.max_response_bytes,
             request_bytes=s.max_request_bytes,
+            penalty_box=throttled,
         )
 
     async def code_dir(self, tenant_id: str, digest: str) -> Path:
@@ -366,7 +367,7 @@ class Invoker:
             else:
                 self._running[inv_id] = task
                 try:
-                    result = await self._run(fv, call, inv_id, limits, throttled)
+                    result = await self._run(fv, call, inv_id, limits, throttled, inserted)
                 finally:
                     del self._running[inv_id]
         except Rejected as exc:
@@ -408,13 +409,19 @@ class Invoker:
         return result, inv_id, report
 
     async def _run(
-        self, fv: FunctionVersion, call: Call, inv_id: str, limits: Limits, throttled: bool
+        self,
+        fv: FunctionVersion,
+        call: Call,
+        inv_id: str,
+        limits: Limits,
+        throttled: bool,
+        inserted: _RunningRecord,
     ) -> JailResult:
         assert self.runner is not None
         key = f"{fv.tenant_id}/{fv.name}"
         self.metrics.queued.set(self.scheduler.queued)
         with self._using_code(fv.tenant_id, fv.digest):
-            return await self._run_admitted(fv, call, inv_id, limits, throttled, key)
+            return await self._run_admitted(fv, call, inv_id, limits, throttled, key, inserted)
 
     async def _run_admitted(
         self,
@@ -424,9 +431,15 @@ class Invoker:
         limits: Limits,
         throttled: bool,
         key: str,
+        inserted: _RunningRecord,
     ) -> JailResult:
         assert self.runner is not None
         async with self.scheduler.slot(key, nested=call.depth > 0, gone=call.client_gone):
+            # Only a call that runs gets a "running" record: under a deep queue
+            # every call waits past RUNNING_RECORD_AFTER_S, and a second store
+            # write per call there made the gateway slower the further behind it
+            # was (c=128: 0.90x the rate of c=8 with it, 0.98x without).
+            inserted.arm()
             self.metrics.in_flight.inc()
             try:
                 try:
@@ -607,7 +620,8 @@ def _notice(
 
 
 class _RunningRecord:
-    """The "running" record of an invocation that outlives RUNNING_RECORD_AFTER_S.
+    """The "running" record of an invocation that runs over RUNNING_RECORD_AFTER_S
+    (counted from its admission: a call waiting in the queue has no record yet).
 
     The store's single writer keeps insert-then-finish in order; a finish that
     finds the insert still queued replaces it, and a late insert never
@@ -616,16 +630,26 @@ class _RunningRecord:
 
     def __init__(self, store: Store, record: InvocationRecord) -> None:
         self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(
-            RUNNING_RECORD_AFTER_S, self._start, store, record
-        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopped = False
+        self._store = store
+        self._record = record
 
-    def _start(self, store: Store, record: InvocationRecord) -> None:
-        self._task = asyncio.create_task(store.insert_invocation(record))
+    def arm(self) -> None:
+        """The invocation was admitted and starts now."""
+        if self._timer is None and not self._stopped:
+            self._timer = asyncio.get_running_loop().call_later(
+                RUNNING_RECORD_AFTER_S, self._start
+            )
+
+    def _start(self) -> None:
+        self._task = asyncio.create_task(self._store.insert_invocation(self._record))
 
     def stop(self) -> None:
         """The invocation ended: no running record from now on."""
-        self._timer.cancel()
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
 
     async def written(self) -> None:
         if self._task is not None:

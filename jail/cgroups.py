@@ -38,6 +38,11 @@ class Cgroups:
 
 
 SLOT_PREFIX = "slot-"
+# Every throttled jail's slot (the penalty box, SlotLimits.boxed) lives in this
+# one cgroup under our parent, whose CPU quota caps them all together: each
+# throttled function has its own quota too, but ten of them would otherwise
+# take ten times as much, and a tenant can deploy functions by the dozen.
+BOX = "penalty-box"
 # Outside uids of jails: each slot (so each live jail) gets its own, so no two
 # jails share a uid's kernel counters (pipe buffers, epoll watches, fds in
 # flight) or its signal/ptrace rights. A pool takes a random band of 65,536 in
@@ -66,6 +71,7 @@ class SlotLimits:
     memory_bytes: int
     pids: int
     cpu_ms_per_sec: int
+    boxed: bool = False  # in the penalty box (BOX), which all throttled slots share
 
 
 def cpu_weight(cpu_ms_per_sec: int, *, version: int) -> int:
@@ -102,13 +108,22 @@ class SlotPool:
     """
 
     def __init__(
-        self, groups: Cgroups, uid_base: int = 0, *, band_locks: Path | None = None
+        self,
+        groups: Cgroups,
+        uid_base: int = 0,
+        *,
+        band_locks: Path | None = None,
+        box_cpu_ms_per_sec: int = 100,
     ) -> None:
         """`uid_base`: 0 leaves every jail the cfg's uid map (65534 for all);
         else each slot gets a uid of its own from a random band above it, one
         no other pool on this host holds (`band_locks`: the lock directory,
-        default the first usable of BAND_LOCK_DIRS)."""
+        default the first usable of BAND_LOCK_DIRS). `box_cpu_ms_per_sec`: the
+        CPU quota of the penalty box, all boxed slots together (set when the
+        first boxed slot is made; gateways on one host share the box, and the
+        last one to make a slot sets it)."""
         self.groups = groups
+        self.box_cpu_ms_per_sec = box_cpu_ms_per_sec
         self._band_fd: int | None = None
         self.band: int | None = None
         if uid_base:
@@ -116,6 +131,7 @@ class SlotPool:
         self._uid0 = uid_base + self.band * JAIL_UID_BAND if self.band is not None else 0
         self._uids: dict[str, int] = {}  # slot -> outside uid, unique among existing slots
         self._free: list[str] = []
+        self._free_boxed: list[str] = []
         self._next = 0
         self._naming = threading.Lock()
         # Unique per pool: several pools (gateways, tests) may share a machine.
@@ -138,14 +154,16 @@ class SlotPool:
 
     def acquire(self, limits: SlotLimits | None) -> str:
         """A free slot configured for ``limits`` (blocking sysfs writes; call from a thread).
-        None leaves it unconfigured, for ``configure`` later."""
-        name = self._free.pop() if self._free else self._create()
+        None leaves it unconfigured, for ``configure`` later (never a boxed one)."""
+        boxed = limits is not None and limits.boxed
+        free = self._free_boxed if boxed else self._free
+        name = free.pop() if free else self._create(boxed)
         try:
             if limits is not None:
                 self._configure(name, limits)
         except OSError:
             self._remove(name)  # e.g. removed under us: start over with a new one
-            name = self._create()
+            name = self._create(boxed)
             if limits is not None:
                 self._configure(name, limits)
         self.busy.add(name)
@@ -154,9 +172,10 @@ class SlotPool:
     def acquire_free(self, limits: SlotLimits | None) -> str | None:
         """A free slot, configured, or None: a few small sysfs writes to an
         empty cgroup, cheap enough for the event loop (mkdir is not)."""
-        if not self._free:
+        free = self._free_boxed if limits is not None and limits.boxed else self._free
+        if not free:
             return None
-        name = self._free.pop()
+        name = free.pop()
         try:
             if limits is not None:
                 self._configure(name, limits)
@@ -167,8 +186,14 @@ class SlotPool:
         return name
 
     def configure(self, name: str, limits: SlotLimits) -> None:
-        """Set a busy slot's limits."""
+        """Set a busy slot's limits (in or out of the box, as the slot was made)."""
+        if limits.boxed != self.boxed(name):
+            raise OSError(errno.EINVAL, f"slot {name} is {'' if self.boxed(name) else 'not '}boxed")
         self._configure(name, limits)
+
+    @staticmethod
+    def boxed(name: str) -> bool:
+        return name.startswith(BOX + "/")
 
     def set_long_call(self, name: str, long: bool) -> None:
         """Lower a slot's CPU weight while its call runs long, or restore it.
@@ -224,12 +249,14 @@ class SlotPool:
                 os.close(pidfd)
         return killed
 
-    def _create(self) -> str:
+    def _create(self, boxed: bool = False) -> str:
         # acquire runs in threads (mkdir is slow): two at once must never get
         # one name, or two jails would share a cgroup and its limits.
+        if boxed:
+            self._make_box()
         with self._naming:
             self._next += 1
-            name = f"{self._prefix}{self._next}"
+            name = f"{BOX + '/' if boxed else ''}{self._prefix}{self._next}"
             if self._uid0:
                 taken = set(self._uids.values())
                 uid = next(u for u in range(self._uid0, self._uid0 + JAIL_UID_BAND + 1)
@@ -240,6 +267,29 @@ class SlotPool:
         for d in self.dirs(name):
             d.mkdir(exist_ok=True)
         return name
+
+    def _box_dirs(self) -> list[Path]:
+        if self.groups.version == 2:
+            return [self.groups.root / BOX]
+        return [self.groups.root / c / self.groups.parent / BOX for c in CONTROLLERS]
+
+    def _make_box(self) -> None:
+        """The penalty box: a cgroup whose quota all boxed slots share (and,
+        under contention, one slot's weight for all of them together)."""
+        quota = max(10, self.box_cpu_ms_per_sec) * 100  # the kernel's least: 1 ms
+        weight = cpu_weight(self.box_cpu_ms_per_sec, version=self.groups.version)
+        for d in self._box_dirs():
+            d.mkdir(exist_ok=True)
+        if self.groups.version == 2:
+            d = self.groups.root / BOX
+            _write(d / "cgroup.subtree_control", "+memory +pids +cpu")
+            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            _write(d / "cpu.weight", weight)
+            return
+        cpu = self.groups.root / "cpu" / self.groups.parent / BOX
+        _write(cpu / "cpu.cfs_period_us", CPU_PERIOD_US)
+        _write(cpu / "cpu.cfs_quota_us", quota)
+        _write(cpu / "cpu.shares", weight)
 
     def _configure(self, name: str, lim: SlotLimits) -> None:
         if self._limits.get(name) == lim:
@@ -339,7 +389,7 @@ class SlotPool:
                 os.kill(pid, 9)
         if self.pids_in(name):
             return  # the sweep at the next start-up removes it
-        self._free.append(name)
+        (self._free_boxed if self.boxed(name) else self._free).append(name)
 
     def uid(self, name: str) -> int | None:
         """The slot's own outside uid, or None (the cfg's shared mapping)."""
@@ -360,8 +410,12 @@ class SlotPool:
 
     def close(self) -> None:
         """Remove every free slot (graceful shutdown), and let the uid band go."""
-        while self._free:
-            self._remove(self._free.pop())
+        for free in (self._free, self._free_boxed):
+            while free:
+                self._remove(free.pop())
+        for d in self._box_dirs():
+            with contextlib.suppress(OSError):  # another gateway's boxed slots in it
+                d.rmdir()
         fd, self._band_fd = self._band_fd, None
         if fd is not None:
             os.close(fd)  # the flock goes with it
@@ -374,7 +428,7 @@ class SlotPool:
             if self.groups.version == 2
             else [self.groups.root / c / self.groups.parent for c in CONTROLLERS]
         )
-        for parent in parents:
+        for parent in parents + self._box_dirs():
             with contextlib.suppress(OSError):
                 for d in parent.iterdir():
                     if not d.is_dir() or not d.name.startswith((SLOT_PREFIX, "NSJAIL.")):

@@ -87,6 +87,7 @@ def slot_limits_for(lim: Limits) -> SlotLimits:
         memory_bytes=(lim.memory_mb + RUNTIME_MEMORY_MB) * 1024 * 1024,
         pids=lim.pids + RUNTIME_PIDS,
         cpu_ms_per_sec=lim.cpu_ms_per_sec,
+        boxed=lim.penalty_box,
     )
 
 

@@ -23,6 +23,9 @@ class Limits:
     log_lines: int = 5000
     response_bytes: int = 6 << 20
     request_bytes: int = 6 << 20
+    # Run in the penalty box: one cgroup shared by every throttled jail, whose
+    # quota caps them all together (jail.cgroups.BOX).
+    penalty_box: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.timeout_s <= 900:

@@ -235,6 +235,7 @@ class JailRunner:
         spare_launchers: int = 2,
         usual_limits: Limits | None = None,
         uid_base: int = cgroups.JAIL_UID_BASE,
+        penalty_box_cpu_ms_per_sec: int = 100,
     ) -> JailRunner:
         """Blocking set-up (call it from a thread): finds nsjail and the
         interpreter, prepares cgroups and the runtime. Raises JailUnavailable."""
@@ -247,7 +248,7 @@ class JailRunner:
         if not cfg.is_file():
             raise JailUnavailable(f"jail policy {cfg} not found (set NSFAAS_JAIL_CONFIG)")
         groups = cgroups.setup(cgroup_parent)
-        slots = cgroups.SlotPool(groups, uid_base)
+        slots = cgroups.SlotPool(groups, uid_base, box_cpu_ms_per_sec=penalty_box_cpu_ms_per_sec)
         slots.sweep()
         shell = shutil.which("sh") or "/bin/sh"
         if not os.access(shell, os.X_OK):

@@ -456,7 +456,8 @@ class Worker:
             self.spec = replace(self.spec, proxy_dir=self.proxy.dir)
         limits = slot_limits(self.spec)
         launchers = self.config.launchers
-        prepared = launchers.take() if launchers is not None else None
+        # A spare launcher waits in an unboxed slot: a boxed jail starts plainly.
+        prepared = launchers.take() if launchers is not None and not limits.boxed else None
         if prepared is not None:
             host, log_r = await self._launch_prepared(prepared, limits)
         else:

@@ -329,6 +329,44 @@ async def test_running_record_appears_only_for_invocations_that_take_a_while(api
         raise AssertionError(f"no quick call in 5; store writes per call: {counted}")
 
 
+@pytest.mark.parametrize("api", [{"function_concurrency": 1}], indirect=True)
+async def test_a_queued_call_gets_its_running_record_once_it_runs_not_while_it_waits(
+    api: Api,
+) -> None:
+    """The 0.1 s before a "running" record counts from admission: behind a deep
+    queue every call would otherwise cost the store a second write, and the
+    gateway would get slower per call the further behind it was."""
+    await api.deploy("slowish", "import time\ndef handler(r, c):\n    time.sleep(0.8)\n    return 'done'\n",
+                     public=True)
+    first = asyncio.create_task(api.client.get("/fn/slowish?n=1"))
+    for _ in range(100):  # the first holds the function's only slot
+        if api.app.state.gateway.invoker.scheduler.running:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.02)
+    second = asyncio.create_task(api.client.get("/fn/slowish?n=2"))
+    for _ in range(100):
+        if api.app.state.gateway.invoker.scheduler.queued:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.4)  # the second has waited well past RUNNING_RECORD_AFTER_S
+    r = await api.client.get("/api/v1/invocations?function=slowish", headers=api.auth())
+    seen = r.json()["invocations"]
+    assert [x["outcome"] for x in seen] == ["running"]  # the first only
+    one = await first
+    assert one.status_code == 200
+    assert seen[0]["id"] == one.headers["x-invocation-id"]
+    for _ in range(100):  # now the second runs, and shows as running
+        r = await api.client.get("/api/v1/invocations?function=slowish&outcome=running",
+                                 headers=api.auth())
+        if r.json()["invocations"]:
+            break
+        await asyncio.sleep(0.05)
+    running = r.json()["invocations"]
+    assert len(running) == 1 and running[0]["id"] != one.headers["x-invocation-id"]
+    two = await second
+    assert two.status_code == 200 and two.headers["x-invocation-id"] == running[0]["id"]
+
+
 async def test_healthz_metrics_openapi(api: Api) -> None:
     r = await api.client.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"

@@ -147,3 +147,55 @@ async def test_the_box_ends_on_time_and_a_new_version_starts_clean(api: Api) -> 
     await api.deploy("spinner", SPIN + "# fixed\n", public=True, timeout_s=0.5)
     status, rec = await _call(api, "calm")
     assert (status, rec["version"], _throttled(rec)) == (200, 2, False), rec
+
+
+BURN = """
+def handler(request, ctx):
+    if request.text() == "boom":
+        hog = []
+        while True:
+            hog.append(bytearray(1 << 20))
+    while True:
+        pass
+"""
+
+
+@pytest.mark.parametrize(
+    "api",
+    [{"penalty_strikes": 2, "penalty_cpu_ms_per_sec": 100, "penalty_box_cpu_ms_per_sec": 100,
+      "cpu_ms_per_sec": 500}],
+    indirect=True,
+)
+async def test_throttled_functions_share_one_box_quota(api: Api) -> None:
+    """Each throttled function had 100 ms of CPU a second of its own: three
+    hostile functions of one tenant took 15 % of a 2-core machine, and a tenant
+    can deploy dozens. Now they share the box's quota: two spinning together
+    for 3 s get about 300 ms between them, not 300 ms each."""
+    import asyncio
+
+    names = ("burner-a", "burner-b", "burner-c")
+    for name in names:
+        await api.deploy(name, BURN, public=True, timeout_s=3, memory_mb=64)
+
+    async def call(name: str, body: str) -> dict[str, Any]:
+        r = await api.client.post(f"/fn/{name}", content=body)
+        inv = r.headers["x-invocation-id"]
+        rec = await api.client.get(f"/api/v1/invocations/{inv}", headers=api.auth())
+        return dict(rec.json())
+
+    for _ in range(2):  # two memory limits in a row (quick ones) box each function
+        for rec in await asyncio.gather(*(call(n, "boom") for n in names)):
+            assert (rec["outcome"], rec["limit_name"]) == ("oom", "memory"), rec
+    recs = await asyncio.gather(*(call(n, "spin") for n in names))
+    for rec in recs:
+        assert (rec["outcome"], _throttled(rec)) == ("timeout", True), rec
+    used = [rec["cpu_ms"] for rec in recs]
+    # One box of 100 ms/s for 3 s, the three jails' starts included: ~300 ms in
+    # all. On quotas of their own it would be ~300 ms each.
+    assert sum(used) < 450, used
+    assert min(used) > 10, used  # each got its turn
+    # The box holds back only the boxed: an unboxed function spins at its quota.
+    await api.deploy("free", BURN, public=True, timeout_s=1)
+    rec = await call("free", "spin")
+    assert rec["outcome"] == "timeout" and rec["cpu_ms"] > 250, rec
+    assert (await api.client.get("/healthz")).status_code == 200
