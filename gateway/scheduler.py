@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 
@@ -71,7 +72,14 @@ class Scheduler:
         self.per_function: collections.Counter[str] = collections.Counter()
         self.per_tenant: collections.Counter[str] = collections.Counter()
         self._queued: collections.Counter[str] = collections.Counter()  # waiters per tenant
-        self._waiters: collections.deque[tuple[str, asyncio.Future[None]]] = collections.deque()
+        # One FIFO per function, each entry numbered in arrival order: a slot
+        # that frees up goes to the earliest waiter whose caps allow it, found
+        # among the functions' heads. One FIFO for all, scanned (and an entry
+        # removed from it) at every release, cost ~0.1 ms a call at 120 waiters
+        # of one function at its cap, so the deeper behind, the slower.
+        self._waiters: dict[str, collections.deque[_Entry]] = {}
+        self._waiting = 0
+        self._arrivals = itertools.count()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -81,7 +89,7 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return self._waiting
 
     def _can_run(self, key: str) -> bool:
         return (
@@ -106,14 +114,15 @@ class Scheduler:
                 raise Rejected("no free slot for a nested call (nested calls do not wait)")
             self._grant(key)
         elif not self._can_run(key):
-            if len(self._waiters) >= self.queue_size:
+            if self._waiting >= self.queue_size:
                 raise Rejected("the invocation queue is full")
             tenant = _tenant(key)
             if self._queued[tenant] >= self.tenant_queue:
                 raise Rejected("this tenant's share of the invocation queue is full")
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            entry = (key, fut)
-            self._waiters.append(entry)
+            entry = _Entry(next(self._arrivals), key, fut)
+            self._waiters.setdefault(key, collections.deque()).append(entry)
+            self._waiting += 1
             self._queued[tenant] += 1
             watcher = asyncio.ensure_future(gone()) if gone is not None else None
             try:
@@ -173,26 +182,45 @@ class Scheduler:
             del self.per_tenant[tenant]
         self._wake()
 
-    def _unqueue(self, entry: tuple[str, asyncio.Future[None]]) -> None:
-        self._waiters.remove(entry)
-        tenant = _tenant(entry[0])
+    def _unqueue(self, entry: _Entry) -> None:
+        queue = self._waiters[entry.key]
+        if queue[0] is entry:
+            queue.popleft()
+        else:
+            queue.remove(entry)  # left early (timeout, gone): rare
+        if not queue:
+            del self._waiters[entry.key]
+        self._waiting -= 1
+        tenant = _tenant(entry.key)
         self._queued[tenant] -= 1
         if not self._queued[tenant]:
             del self._queued[tenant]
 
     def _wake(self) -> None:
-        """Grant slots to waiters in FIFO order, skipping functions at their own cap."""
-        for entry in list(self._waiters):
-            key, fut = entry
-            if self.running >= self.max_concurrency:
+        """Grant slots to waiters in arrival order, skipping functions (and
+        tenants) at their own cap: each grant looks at one head per function."""
+        while self._waiting and self.running < self.max_concurrency:
+            first: _Entry | None = None
+            for key, queue in self._waiters.items():
+                head = queue[0]
+                if (first is None or head.n < first.n) and self._can_run(key):
+                    first = head
+            if first is None:
                 return
-            if fut.done():
-                self._unqueue(entry)
+            self._unqueue(first)
+            if first.fut.done():  # never granted twice (nothing else resolves it)
                 continue
-            if self._can_run(key):
-                self._unqueue(entry)
-                self._grant(key)
-                fut.set_result(None)
+            self._grant(first.key)
+            first.fut.set_result(None)
+
+
+class _Entry:
+    __slots__ = ("fut", "key", "n")
+
+    def __init__(self, n: int, key: str, fut: asyncio.Future[None]) -> None:
+        self.n = n
+        self.key = key
+        self.fut = fut
 
 
 def _tenant(key: str) -> str:

@@ -95,6 +95,36 @@ async def test_at_the_global_cap_callers_are_served_in_order() -> None:
     assert order == ["a", "b", "c", "a"]
 
 
+async def test_a_freed_slot_goes_to_the_earliest_waiter_its_caps_allow() -> None:
+    """Waiters are kept per function; a grant still follows arrival order
+    across functions, skipping the ones at their own cap."""
+    s = scheduler(max_concurrency=2, function_concurrency=1)
+    order: list[str] = []
+    gates = {name: asyncio.Event() for name in ("a1", "b1", "a2", "a3", "b2", "c1")}
+
+    async def call(name: str) -> None:
+        async with s.slot(name[0]):
+            order.append(name)
+            await gates[name].wait()
+
+    tasks = {}
+    for name in gates:  # a1 and b1 run; the rest wait, in this order
+        tasks[name] = asyncio.create_task(call(name))
+        await asyncio.sleep(0)
+    assert order == ["a1", "b1"] and s.queued == 4
+    for ends, starts in (("a1", "a2"), ("b1", "b2"), ("a2", "a3"), ("b2", "c1")):
+        # b1's end: a3 came first but "a" is at its cap (a2), so b2 goes.
+        gates[ends].set()
+        await tasks[ends]
+        for _ in range(5):  # the granted waiter's task resumes
+            await asyncio.sleep(0)
+        assert order[-1] == starts, order
+    for name in ("a3", "c1"):
+        gates[name].set()
+    await asyncio.gather(*tasks.values())
+    assert s.running == 0 and s.queued == 0 and not s.per_function
+
+
 async def test_a_nested_call_never_waits() -> None:
     s = scheduler(max_concurrency=2, function_concurrency=1)
     done = asyncio.Event()
