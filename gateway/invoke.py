@@ -367,7 +367,8 @@ class Invoker:
             else:
                 self._running[inv_id] = task
                 try:
-                    result = await self._run(fv, call, inv_id, limits, throttled, inserted)
+                    with self._using_code(fv.tenant_id, fv.digest):
+                        result = await self._run(fv, call, inv_id, limits, throttled, inserted)
                 finally:
                     del self._running[inv_id]
         except Rejected as exc:
@@ -420,20 +421,6 @@ class Invoker:
         assert self.runner is not None
         key = f"{fv.tenant_id}/{fv.name}"
         self.metrics.queued.set(self.scheduler.queued)
-        with self._using_code(fv.tenant_id, fv.digest):
-            return await self._run_admitted(fv, call, inv_id, limits, throttled, key, inserted)
-
-    async def _run_admitted(
-        self,
-        fv: FunctionVersion,
-        call: Call,
-        inv_id: str,
-        limits: Limits,
-        throttled: bool,
-        key: str,
-        inserted: _RunningRecord,
-    ) -> JailResult:
-        assert self.runner is not None
         async with self.scheduler.slot(key, nested=call.depth > 0, gone=call.client_gone):
             # Only a call that runs gets a "running" record: under a deep queue
             # every call waits past RUNNING_RECORD_AFTER_S, and a second store
