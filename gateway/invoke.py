@@ -67,7 +67,12 @@ def new_invocation_id() -> str:
     return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
 
 
-PROBATION_BOXES = 10  # a boxed function's next limit re-boxes it for this many penalty_s
+PROBATION_BOXES = 10  # a boxed function's next limit re-boxes it for this many boxes' time
+# Each box entered on probation lasts twice the one before, up to penalty_s
+# times 2 ** PENALTY_DOUBLINGS (60 s → 16 min): a CPU loop called over and over
+# otherwise had one call at the full quota every minute, and the good calls
+# that overlapped it had a p99 of ~59 ms in the soak, against ~20 ms.
+PENALTY_DOUBLINGS = 4
 
 
 def _strike_key(tenant_id: str, name: str, version: int) -> str:
@@ -124,7 +129,8 @@ class Invoker:
         self._code_users: Counter[str] = Counter()  # invocations admitted, per code key
         self._doomed: set[str] = set()  # code keys whose versions were deleted
         # Per function: (invocations in a row that ended at a limit, when the last did).
-        self._strikes: dict[str, tuple[int, float]] = {}
+        # version -> (limits in a row, when the last one ended, boxes on probation)
+        self._strikes: dict[str, tuple[int, float, int]] = {}
         self._removals: set[asyncio.Task[None]] = set()
         # The task of every invocation waiting for a slot or running (shutdown
         # ends them: stop_all), and the ones stop_all has cancelled.
@@ -147,10 +153,14 @@ class Invoker:
     def throttled(self, fv: FunctionVersion) -> bool:
         """Whether this function version is in the penalty box (see Settings.penalty_*)."""
         s = self.settings
-        count, last = self._strikes.get(_strike_key(fv.tenant_id, fv.name, fv.version), (0, 0.0))
+        key = _strike_key(fv.tenant_id, fv.name, fv.version)
+        count, last, level = self._strikes.get(key, (0, 0.0, 0))
         if s.penalty_strikes <= 0 or count < s.penalty_strikes:
             return False
-        return time.monotonic() - last < s.penalty_s
+        return time.monotonic() - last < self._box_s(level)
+
+    def _box_s(self, level: int) -> float:
+        return float(self.settings.penalty_s * 2 ** min(level, PENALTY_DOUBLINGS))
 
     def _strike(self, record: InvocationRecord, result: JailResult, throttled: bool) -> None:
         """Count a limit outcome, or clear the count. Per version: a new version
@@ -167,18 +177,21 @@ class Invoker:
         ):
             if throttled:
                 return  # the box ends penalty_s after it began, or at a call that is fine
-            count, last = self._strikes.get(key, (0, 0.0))
+            count, last, level = self._strikes.get(key, (0, 0.0, 0))
             age = time.monotonic() - last
             if count >= self.settings.penalty_strikes:
                 # Out of the box by time, not by a call that was fine: on
                 # probation, its next limit puts it back at once (a CPU loop
                 # called over and over got three calls at the full quota after
-                # every box, and the soak's good calls fell behind).
-                if age >= PROBATION_BOXES * self.settings.penalty_s:
-                    count = 0
+                # every box, and the soak's good calls fell behind), for twice
+                # as long as the last box.
+                if age >= PROBATION_BOXES * self._box_s(level):
+                    count = level = 0
+                else:
+                    level += 1
             elif age >= self.settings.penalty_s:
                 count = 0  # the earlier run of limits is old news
-            self._strikes[key] = (count + 1, time.monotonic())
+            self._strikes[key] = (count + 1, time.monotonic(), level)
             if count + 1 == self.settings.penalty_strikes:
                 log.warning(
                     "function_throttled",

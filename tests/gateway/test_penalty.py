@@ -199,3 +199,36 @@ async def test_throttled_functions_share_one_box_quota(api: Api) -> None:
     rec = await call("free", "spin")
     assert rec["outcome"] == "timeout" and rec["cpu_ms"] > 250, rec
     assert (await api.client.get("/healthz")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "api", [{"penalty_strikes": 2, "penalty_s": 2.0, "penalty_cpu_ms_per_sec": 100}],
+    indirect=True,
+)
+async def test_each_box_on_probation_lasts_twice_the_one_before(api: Api) -> None:
+    """A function that keeps hitting limits left the box every penalty_s for a
+    call at the full quota (a CPU loop: half a core for its whole timeout, once
+    a minute, and the calls next to it had three times their p99). Each box it
+    goes back into on probation now lasts twice as long."""
+    import asyncio
+    import time
+
+    await api.deploy("bomber", BURN, public=True, timeout_s=3, memory_mb=64)
+
+    async def boom() -> bool:
+        r = await api.client.post("/fn/bomber", content="boom")
+        inv = r.headers["x-invocation-id"]
+        rec = (await api.client.get(f"/api/v1/invocations/{inv}", headers=api.auth())).json()
+        assert (rec["outcome"], rec["limit_name"]) == ("oom", "memory"), rec
+        return _throttled(rec)
+
+    assert [await boom(), await boom()] == [False, False]  # boxed for 2 s from now
+    boxed = time.monotonic()
+    assert await boom()
+    await asyncio.sleep(max(0.0, boxed + 2.2 - time.monotonic()))
+    assert not await boom()  # out by time; on probation this limit re-boxes it, for 4 s
+    reboxed = time.monotonic()
+    await asyncio.sleep(max(0.0, reboxed + 2.6 - time.monotonic()))
+    assert await boom()  # a 2 s box would be over by now
+    await asyncio.sleep(max(0.0, reboxed + 4.4 - time.monotonic()))
+    assert not await boom()  # the 4 s box is over
