@@ -128,8 +128,8 @@ class Invoker:
         self._unpacked: set[str] = set()  # code keys known to be on disk: no stat per call
         self._code_users: Counter[str] = Counter()  # invocations admitted, per code key
         self._doomed: set[str] = set()  # code keys whose versions were deleted
-        # Per function: (invocations in a row that ended at a limit, when the last did).
-        # version -> (limits in a row, when the last one ended, boxes on probation)
+        # Per version: (invocations in a row that ended at a limit, when the last
+        # did, how many boxes in a row it went back into on probation).
         self._strikes: dict[str, tuple[int, float, int]] = {}
         self._removals: set[asyncio.Task[None]] = set()
         # The task of every invocation waiting for a slot or running (shutdown
@@ -176,7 +176,7 @@ class Invoker:
             result.outcome == "killed" and result.limit_name is not None
         ):
             if throttled:
-                return  # the box ends penalty_s after it began, or at a call that is fine
+                return  # the box ends _box_s after it began, or at a call that is fine
             count, last, level = self._strikes.get(key, (0, 0.0, 0))
             age = time.monotonic() - last
             if count >= self.settings.penalty_strikes:
