@@ -631,13 +631,12 @@ class _RunningRecord:
     def __init__(self, store: Store, record: InvocationRecord) -> None:
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._stopped = False
         self._store = store
         self._record = record
 
     def arm(self) -> None:
-        """The invocation was admitted and starts now."""
-        if self._timer is None and not self._stopped:
+        """The invocation was admitted and starts now (always before ``stop``)."""
+        if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(
                 RUNNING_RECORD_AFTER_S, self._start
             )
@@ -647,7 +646,6 @@ class _RunningRecord:
 
     def stop(self) -> None:
         """The invocation ended: no running record from now on."""
-        self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
 
